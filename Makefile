@@ -1,0 +1,22 @@
+# The two commands of the README: `make demo` runs the main job, `make test` the
+# whole test suite. Both create .venv on first use.
+VENV ?= .venv
+STAMP := $(VENV)/.bitscale-installed
+
+.PHONY: demo test lint bench clean-venv
+
+demo: $(STAMP)
+	$(VENV)/bin/bitscale env
+
+test: $(STAMP)
+	$(VENV)/bin/pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+$(STAMP): pyproject.toml scripts/setup_venv.sh
+	bash scripts/setup_venv.sh $(VENV)
+	touch $@
+
+clean-venv:
+	rm -rf $(VENV)

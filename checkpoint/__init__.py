@@ -1,0 +1,3 @@
+"""bitscale.checkpoint: lazy asynchronous checkpoints in a universal format."""
+
+__all__: list[str] = []

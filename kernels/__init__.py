@@ -1,0 +1,3 @@
+"""bitscale.kernels: arbitrary-precision matmul in the bipolar-INT format."""
+
+__all__: list[str] = []
