@@ -1,0 +1,832 @@
+"""HDP planner: which ranks run which tokens, in what order (pure Python, deterministic).
+
+``plan_batch`` gives each sequence the fewest ranks it needs (ByteScale's hybrid data
+parallelism); ``plan_static_mesh`` is the Megatron-style DP x CP baseline. Both return the same
+``Plan`` type so one runtime and one set of metrics serve both.
+
+Conventions the runtime relies on:
+
+* ``Plan.items`` is one global execution order; ``item_id`` equals the index in it. Every rank
+  runs ``Plan.for_rank(r)`` in that order. Because the order is total, the lowest unfinished
+  multi-rank item always has all of its ranks waiting on it: P2P rings on the world group
+  (tag = ``item_id``) cannot deadlock and need no barriers.
+* A multi-rank item holds one sequence of length L on d ranks: the sequence is padded at its
+  tail to ``2 * d * chunk_size`` tokens (``chunk_size = ceil(L / (2d))``) and cut into 2d
+  chunks; ring position r holds chunks r and 2d-1-r, so its shard is exactly two
+  ``(seq_id, start, end)`` ranges (chunk r first), clamped to ``[0, L)``; a range that lies in
+  the padding is empty (``start == end``). Each rank therefore holds ``2 * chunk_size`` token
+  slots, of which ``end - start`` per range are real.
+* A single-rank item holds one or more whole sequences (``(seq_id, 0, L)``), packed.
+* Capacity: a rank never holds more than ``capacity`` token slots in one micro-batch (padding
+  included; with offloading, ``slots * (1 - offload_ratio * offloadable_fraction)`` device
+  slots). So d(L) is the least d with ``2 * ceil(L / (2d)) <= capacity``: ``ceil(L / capacity)``
+  for even capacity, ``ceil(L / (capacity - 1))`` for odd capacity (zigzag chunks pair up).
+* Loss tokens: labels are shifted inside each sequence, so a sequence of length L contributes
+  ``L - 1`` loss tokens (its last token predicts nothing); padding contributes none.
+  ``Plan.stats.loss_tokens = sum(L - 1)`` is the global normaliser of the summed loss.
+* Ring bytes: ``CostModel.ring_kv_bytes(d, 2 * chunk_size)`` and
+  ``CostModel.ring_dkv_bytes(d, 2 * chunk_size)`` per multi-rank item, i.e. over all ranks and
+  layers ``num_layers * d * (2(d-1)) * kv_hop`` K/V bytes and ``num_layers * d * d * kv_hop``
+  dK/dV bytes with ``kv_hop = 2 * kv_heads * head_dim * element_size * 2 * chunk_size``
+  (details in `bitscale.hdp.cost`). Single-rank items send nothing. This counts one forward
+  and one backward ring pass per attention layer (activation recomputation would repeat the
+  forward pass); set the CostModel's num_layers, kv_heads, head_dim and element_size to the
+  model the runtime runs to compare with its counted bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import hashlib
+import heapq
+import math
+import operator
+from bisect import bisect_left, insort
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import ParamSpec, TypeVar
+
+from .cost import CostModel, OffloadConfig
+
+__all__ = [
+    "CostModel",
+    "GroupRule",
+    "OffloadConfig",
+    "Plan",
+    "PlanStats",
+    "WorkItem",
+    "plan_batch",
+    "plan_static_mesh",
+]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+Range = tuple[int, int, int]
+"""``(seq_id, start, end)``: a half-open token range of one original sequence."""
+
+
+class GroupRule(str, Enum):
+    """How many ranks a sequence longer than the capacity gets."""
+
+    CEIL = "ceil"
+    """The minimum d that holds it (ByteScale)."""
+    POW2 = "pow2"
+    """That minimum rounded up to a power of two, capped at world_size (Megatron hybrid CP)."""
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One forward/backward of some tokens on a ring of ranks (see the module docstring)."""
+
+    item_id: int
+    """Unique; equals the index in ``Plan.items`` (the global execution order)."""
+    ranks: tuple[int, ...]
+    """Ranks in ring order: position p sends to p+1 and receives from p-1 (mod d)."""
+    shards: tuple[tuple[Range, ...], ...]
+    """One tuple of ``(seq_id, start, end)`` per rank, aligned with ``ranks``."""
+    chunk_size: int = 0
+    """Padded zigzag chunk length for multi-rank items (each rank holds 2 * chunk_size token
+    slots); 0 for single-rank items, which are packed without padding."""
+    micro_batch: int | None = None
+    """Items sharing this id run inside one forward/backward on the same ranks (the static
+    mesh packs several zigzag-sharded documents per micro-batch); None means its own."""
+    offload_ratio: float = 0.0
+    """Fraction of offloadable activations this item moves to host memory."""
+    est_time: float = 0.0
+    """Estimated per-rank seconds (a micro-batch's time is split over its items by compute)."""
+
+    def __post_init__(self) -> None:
+        if self.micro_batch is None:
+            object.__setattr__(self, "micro_batch", self.item_id)
+
+    @property
+    def cp_size(self) -> int:
+        """Ranks in the ring (1 = no communication)."""
+        return len(self.ranks)
+
+    @property
+    def seq_ids(self) -> tuple[int, ...]:
+        """Sequences in this item, in shard order, each once."""
+        seen: dict[int, None] = {}
+        for shard in self.shards:
+            for seq_id, _, _ in shard:
+                seen[seq_id] = None
+        return tuple(seen)
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (unpadded) tokens over all ranks."""
+        return sum(end - start for shard in self.shards for _, start, end in shard)
+
+    @property
+    def slots_per_rank(self) -> int:
+        """Token slots one rank holds: 2 * chunk_size for rings, the packed tokens otherwise."""
+        if self.cp_size > 1:
+            return 2 * self.chunk_size
+        return self.num_tokens
+
+    @property
+    def padding_tokens(self) -> int:
+        """Tail padding of a zigzag-sharded sequence (0 for single-rank items)."""
+        return self.cp_size * self.slots_per_rank - self.num_tokens
+
+    def shard_for(self, rank: int) -> tuple[Range, ...]:
+        """The ranges ``rank`` holds in this item (ValueError if it is not in the ring)."""
+        try:
+            return self.shards[self.ranks.index(rank)]
+        except ValueError:
+            raise ValueError(
+                f"rank {rank} is not in item {self.item_id} (ranks {self.ranks})"
+            ) from None
+
+
+@dataclass(frozen=True)
+class PlanStats:
+    """Estimated outcome of a plan under its cost model (per-rank seconds, exact bytes)."""
+
+    busy_time: tuple[float, ...]
+    """Per rank: sum of its micro-batch times."""
+    finish_time: tuple[float, ...]
+    """Per rank: when its last item ends, waits for ring partners included."""
+    makespan: float
+    """max(finish_time): the estimated step time before gradient sync."""
+    balance: float
+    """makespan / mean(busy_time) (1.0 = perfect). Stricter than max/mean of busy time: the
+    max includes the waits for ring partners, since the step waits for the slowest rank."""
+    micro_batches: tuple[int, ...]
+    """Per rank: forward/backward calls it runs."""
+    ring_kv_bytes: int
+    ring_dkv_bytes: int
+    ring_bytes: int
+    """ring_kv_bytes + ring_dkv_bytes, summed over all items, ranks and layers."""
+    padding_tokens: int
+    """Tail padding of zigzag-sharded sequences, summed over items."""
+    loss_tokens: int
+    """sum(L - 1) over sequences (labels shifted inside each sequence)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Items in global execution order plus their estimated stats."""
+
+    items: tuple[WorkItem, ...]
+    world_size: int
+    capacity: int
+    lengths: tuple[int, ...]
+    stats: PlanStats
+    strategy: str
+    """"hdp" or "static" (for reports)."""
+    cost: CostModel
+    """The cost model the stats were estimated with."""
+    _by_rank: list[list[int]] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def for_rank(self, rank: int) -> list[WorkItem]:
+        """The items ``rank`` runs, in global execution order."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank must be in [0, {self.world_size}), got {rank}")
+        if self._by_rank is None:
+            # Built on first use: a simulator never asks, and at 16,384 ranks x 1e5 items
+            # (CP 128) the index alone takes a second.
+            by_rank: list[list[int]] = [[] for _ in range(self.world_size)]
+            for item in self.items:
+                for r in item.ranks:
+                    by_rank[r].append(item.item_id)
+            object.__setattr__(self, "_by_rank", by_rank)
+        assert self._by_rank is not None
+        return [self.items[i] for i in self._by_rank[rank]]
+
+    def ring_bytes_for_rank(self, rank: int) -> tuple[int, int]:
+        """(K/V bytes, dK/dV bytes) that ``rank`` itself sends over the step: each ring member
+        sends 1/d of its item's ring_kv_bytes and ring_dkv_bytes (``2(d-1)`` K/V hops and
+        ``d`` dK/dV hops per layer). Summed over ranks this equals ``stats``."""
+        kv = dkv = 0
+        for item in self.for_rank(rank):
+            d = item.cp_size
+            kv += self.cost.ring_kv_bytes(d, 2 * item.chunk_size) // d
+            dkv += self.cost.ring_dkv_bytes(d, 2 * item.chunk_size) // d
+        return kv, dkv
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the items and inputs: equal on every rank iff the plans are equal."""
+        digest = hashlib.sha256()
+        digest.update(repr((self.world_size, self.capacity, self.lengths, self.strategy)).encode())
+        for item in self.items:
+            digest.update(
+                repr((item.ranks, item.shards, item.chunk_size, item.micro_batch)).encode()
+            )
+            digest.update(repr(item.offload_ratio).encode())
+        return digest.hexdigest()
+
+
+def _gc_paused(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``fn`` with the cyclic garbage collector paused.
+
+    A plan is millions of small acyclic tuples; the generational collector rescans them on
+    every allocation threshold (static mesh, 16,384 ranks x 1e5 documents at CP 32: 5.2 s of
+    CPU with the collector, 1.9 s without). Reference counting still frees everything.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    return wrapper
+
+
+@_gc_paused
+def plan_batch(
+    lengths: Sequence[int],
+    world_size: int,
+    capacity: int,
+    *,
+    cost: CostModel | None = None,
+    group_rule: GroupRule | str = "ceil",
+    balance: bool = True,
+    offload: OffloadConfig | None = None,
+    pipeline_stages: int = 1,
+    widen: bool = False,
+) -> Plan:
+    """Plan one global batch with hybrid data parallelism.
+
+    1. Sequence L gets d ranks: 1 if it fits in ``capacity``, else the minimum d (module
+       docstring; ``group_rule="pow2"`` rounds up to a power of two, capped at world_size).
+       With ``offload``, a long sequence may take fewer ranks and offload activations when
+       that lowers the rank-seconds it costs (``d * time``) and the ring stays shorter than
+       the mean rank load; the whole plan is kept only if its estimated makespan beats the
+       plan without offloading (longer rigid rings can pack worse than they save).
+       With ``widen``, a ring that alone would outlast the mean rank load (so would set the
+       step time) gets more ranks while that shortens it; off by default, so every ring has
+       the minimum d.
+    2. Sequences that fit are packed best-fit-decreasing into single-rank items of at most
+       ``capacity`` tokens (same worst-case bound as first-fit-decreasing; O(n log n) with
+       bisect where first-fit needs a segment tree): per rank after balancing, or globally
+       with ``balance=False``.
+    3. ``balance=True``: multi-rank items (d, then length, descending) go to the d least-loaded
+       ranks (inside one node when a node has d ranks free as early; ties to lower ranks)
+       and start when the last of them is free; then single sequences, most expensive
+       first, go to the rank with the least busy time (LPT), so cheap ranks get more
+       micro-batches; each rank packs its sequences and runs them first in the idle windows
+       its rings left (backfilling), then after its rings.
+       With ``pipeline_stages`` p > 1 (each rank a 1F1B pipeline), a rank's LPT priority is
+       its busy time + (p - 1) * its largest micro-batch (the 1F1B critical path), so
+       pipelines that hold a long item get fewer others (ByteScale's PP-Balance).
+       ``balance=False``: items in arrival order go to the ranks with the fewest items (equal
+       micro-batch counts, as static systems do).
+    4. The global order sorts items by estimated start time.
+
+    Raises ValueError for an empty batch, non-int or non-positive lengths, ``capacity < 1``,
+    ``world_size < 1``, or a sequence that needs more than ``world_size`` ranks.
+    """
+    lengths_t = _check_lengths(lengths)
+    _check_world_and_capacity(world_size, capacity)
+    if (
+        not isinstance(pipeline_stages, int)
+        or isinstance(pipeline_stages, bool)
+        or pipeline_stages < 1
+    ):
+        raise ValueError(f"pipeline_stages must be an int >= 1, got {pipeline_stages!r}")
+    cost = cost or CostModel()
+    rule = _check_group_rule(group_rule)
+    long_ids = [i for i, n in enumerate(lengths_t) if n > capacity]
+    d_of = {i: _ranks_needed(lengths_t[i], i, capacity, world_size, rule) for i in long_ids}
+    ratio_of = dict.fromkeys(long_ids, 0.0)
+    if long_ids and (offload is not None or widen):
+        # The mean rank load bounds the step from below; a ring longer than that is the
+        # critical path. Offloading (fewer ranks, longer ring) must stay under it; widening
+        # adds ranks to a ring above it.
+        total = sum(cost.alpha * n * n + cost.beta * n for n in lengths_t if n <= capacity)
+        for i in long_ids:
+            d = d_of[i]
+            total += d * cost.micro_batch_time([_padded(lengths_t[i], d)], range(d))
+        mean_load = total / world_size
+        for i in long_ids:
+            if offload is not None:
+                d_of[i], ratio_of[i] = _choose_offload(
+                    lengths_t[i], d_of[i], capacity, cost, offload, rule, mean_load
+                )
+            if widen and ratio_of[i] == 0.0:
+                d_of[i], mean_load = _widen(
+                    lengths_t[i], d_of[i], world_size, cost, rule, mean_load
+                )
+    # Longest first, ties by id (sorted is stable, also with reverse=True).
+    singles = sorted(
+        (i for i, n in enumerate(lengths_t) if n <= capacity),
+        key=lengths_t.__getitem__,
+        reverse=True,
+    )
+    load = [0.0] * world_size
+    largest = [0.0] * world_size  # per rank: longest ring so far (for pipeline_stages > 1)
+    # Per rank: [start, end) idle windows before rings that waited for their last member.
+    gaps: list[list[list[float]]] = [[] for _ in range(world_size)]
+    # (start, placement index, ranks, shards, chunk_size, offload ratio, time)
+    placed: list[tuple[float, int, tuple[int, ...], tuple, int, float, float]] = []
+
+    def place_multi(seq_id: int, chosen: list[int]) -> None:
+        ranks = tuple(sorted(chosen))
+        shards, chunk = _zigzag_shards(seq_id, lengths_t[seq_id], len(ranks))
+        ratio = ratio_of[seq_id]
+        time = cost.micro_batch_time(
+            [2 * len(ranks) * chunk], ranks, offload_ratio=ratio, offload=offload
+        )
+        start = max(load[r] for r in ranks)
+        for r in ranks:
+            if load[r] < start:
+                gaps[r].append([load[r], start])
+            load[r] = start + time
+            largest[r] = max(largest[r], time)
+        placed.append((start, len(placed), ranks, shards, chunk, ratio, time))
+
+    def place_bin(rank: int, seq_ids: list[int], backfill: bool) -> None:
+        time = cost.compute_time([lengths_t[i] for i in seq_ids])
+        shard = tuple([(i, 0, lengths_t[i]) for i in seq_ids])
+        if backfill:
+            for gap in gaps[rank]:
+                if gap[0] + time <= gap[1]:
+                    placed.append((gap[0], len(placed), (rank,), (shard,), 0, 0.0, time))
+                    gap[0] += time
+                    return
+        placed.append((load[rank], len(placed), (rank,), (shard,), 0, 0.0, time))
+        load[rank] += time
+
+    def fill_gaps(rank: int, seq_ids: list[int]) -> list[int]:
+        """Pack the rank's idle windows first, each bin greedily with the longest sequences
+        that still fit in time and capacity; return the sequences left for after its rings.
+        (Capacity-sized bins are too coarse for windows of a few percent of a bin.)"""
+        left = seq_ids
+        for gap in gaps[rank]:
+            while left:
+                chosen: list[int] = []
+                rest: list[int] = []
+                tokens, time = 0, cost.gamma
+                for i in left:
+                    n = lengths_t[i]
+                    t = cost.alpha * n * n + cost.beta * n
+                    if tokens + n <= capacity and gap[0] + time + t <= gap[1]:
+                        chosen.append(i)
+                        tokens += n
+                        time += t
+                    else:
+                        rest.append(i)
+                if not chosen:
+                    break
+                place_bin(rank, chosen, backfill=True)
+                left = rest
+        return left
+
+    if balance:
+        # Heap of (load, rank): ties go to the lower rank, so first-wave rings are contiguous.
+        heap = [(0.0, r) for r in range(world_size)]
+        for seq_id in sorted(long_ids, key=lambda i: (-d_of[i], -lengths_t[i], i)):
+            d = d_of[seq_id]
+            popped = [heapq.heappop(heap) for _ in range(d)]
+            if d <= cost.node_size:
+                popped = _prefer_one_node(heap, popped, d, cost.node_size)
+            chosen = [r for _, r in popped[:d]]
+            for entry in popped[d:]:
+                heapq.heappush(heap, entry)
+            place_multi(seq_id, chosen)
+            for r in chosen:
+                heapq.heappush(heap, (load[r], r))
+        # LPT over single sequences (not over bins: a whole bin is too coarse a unit to even
+        # out ranks that hold ~10 micro-batches) by busy time, so idle windows before rings
+        # count as free; then each rank packs its own sequences and backfills those windows
+        # first (a single-rank item needs no partner, so running it early is always legal).
+        # gamma is charged per capacity tokens, which is what packing will cost.
+        # With pipeline stages (1F1B) a rank costs busy + (p - 1) * its largest micro-batch,
+        # so pipelines that already hold a long item get fewer others (PP-aware balance).
+        bubble = pipeline_stages - 1
+        busy = [load[r] - sum(g[1] - g[0] for g in gaps[r]) for r in range(world_size)]
+        heap = [(busy[r] + bubble * largest[r], r) for r in range(world_size)]
+        heapq.heapify(heap)
+        per_rank: list[list[int]] = [[] for _ in range(world_size)]
+        alpha, beta = cost.alpha, cost.beta + cost.gamma / capacity
+        heappushpop = heapq.heappushpop
+        if singles:
+            r = heapq.heappop(heap)[1]
+            for seq_id in singles:
+                L = lengths_t[seq_id]
+                per_rank[r].append(seq_id)
+                work = alpha * L * L + beta * L
+                busy[r] += work
+                if bubble:
+                    largest[r] = max(largest[r], work + cost.gamma)
+                r = heappushpop(heap, (busy[r] + bubble * largest[r], r))[1]
+        for r, seq_ids in enumerate(per_rank):
+            if seq_ids and gaps[r]:
+                seq_ids = fill_gaps(r, seq_ids)
+            for packed in _pack_best_fit(seq_ids, lengths_t, capacity):
+                place_bin(r, packed, backfill=True)
+    else:
+        # Items in arrival order (first sequence id) to the ranks with the fewest items.
+        bins = _pack_best_fit(singles, lengths_t, capacity)
+        units = sorted(
+            [(i, True, i) for i in long_ids] + [(min(b), False, k) for k, b in enumerate(bins)]
+        )
+        heap_count = [(0, r) for r in range(world_size)]
+        for _, is_multi, key in units:
+            popped = [heapq.heappop(heap_count) for _ in range(d_of[key] if is_multi else 1)]
+            if is_multi:
+                place_multi(key, [r for _, r in popped])
+            else:
+                place_bin(popped[0][1], bins[key], backfill=False)
+            for count, r in popped:
+                heapq.heappush(heap_count, (count + 1, r))
+
+    placed.sort(key=lambda entry: (entry[0], entry[1]))
+    items = tuple(
+        WorkItem(
+            item_id=k,
+            ranks=ranks,
+            shards=shards,
+            chunk_size=chunk,
+            offload_ratio=ratio,
+            est_time=time,
+        )
+        for k, (_, _, ranks, shards, chunk, ratio, time) in enumerate(placed)
+    )
+    mb_times = {k: entry[6] for k, entry in enumerate(placed)}
+    stats = _plan_stats(items, mb_times, world_size, lengths_t, cost)
+    plan = Plan(
+        items=items,
+        world_size=world_size,
+        capacity=capacity,
+        lengths=lengths_t,
+        stats=stats,
+        strategy="hdp",
+        cost=cost,
+    )
+    if any(ratio_of.values()):
+        plain = plan_batch(
+            lengths_t,
+            world_size,
+            capacity,
+            cost=cost,
+            group_rule=rule,
+            balance=balance,
+            pipeline_stages=pipeline_stages,
+            widen=widen,
+        )
+        if plain.stats.makespan <= plan.stats.makespan:
+            return plain
+    return plan
+
+
+@_gc_paused
+def plan_static_mesh(
+    lengths: Sequence[int],
+    world_size: int,
+    capacity: int,
+    *,
+    cp_size: int | None = None,
+    cost: CostModel | None = None,
+) -> Plan:
+    """Plan one global batch on a static DP x CP mesh (the Megatron-style baseline).
+
+    CP (default: the least power of two whose zigzag shards of the longest sequence fit in
+    ``capacity``) must divide world_size; DP = world_size / CP and CP group g is ranks
+    ``g*CP .. g*CP + CP - 1``. Sequences in arrival order are packed next-fit into
+    micro-batches of at most ``capacity`` token slots per rank, every document zigzag-sharded
+    over the CP group (padded to a multiple of 2*CP, TE's THD layout); micro-batch m goes to
+    DP group m mod DP, so every group runs the same number of micro-batches (+-1). Each
+    document is one item; the items of one micro-batch share ``WorkItem.micro_batch``. With
+    CP = 1 a micro-batch is one single-rank item of whole sequences.
+    """
+    lengths_t = _check_lengths(lengths)
+    _check_world_and_capacity(world_size, capacity)
+    cost = cost or CostModel()
+    longest = max(lengths_t)
+    if cp_size is None:
+        cp = 1
+        while not _fits(longest, cp, capacity):
+            cp *= 2
+            if cp > world_size:
+                raise ValueError(
+                    f"the longest sequence ({longest} tokens) needs a CP group of {cp} ranks "
+                    f"at capacity {capacity}, more than world_size {world_size}; raise capacity "
+                    "or world_size, or split the sequence"
+                )
+    else:
+        cp = cp_size
+        if not isinstance(cp, int) or cp < 1:
+            raise ValueError(f"cp_size must be an int >= 1, got {cp!r}")
+        if not _fits(longest, cp, capacity):
+            raise ValueError(
+                f"cp_size {cp} is too small: the longest sequence ({longest} tokens) needs "
+                f"2*ceil(L/(2*cp)) <= capacity {capacity}; raise cp_size or capacity"
+            )
+    if world_size % cp:
+        raise ValueError(
+            f"cp_size {cp} must divide world_size {world_size} (DP = world_size / CP); "
+            "pick a world_size that is a multiple of the CP group"
+        )
+    dp = world_size // cp
+
+    # Documents in arrival order go to the DP group with the fewest token slots so far (the
+    # token-balanced loader of static systems); each group packs its own next-fit.
+    slots_of = [L if cp == 1 else 2 * cp * ((L + 2 * cp - 1) // (2 * cp)) for L in lengths_t]
+    group_docs: list[list[int]] = [[] for _ in range(dp)]
+    heap = [(0, g) for g in range(dp)]
+    for seq_id, slots in enumerate(slots_of):
+        tokens, g = heap[0]
+        group_docs[g].append(seq_id)
+        heapq.heapreplace(heap, (tokens + slots, g))
+    per_group: list[list[list[int]]] = []
+    budget = capacity * cp
+    for seq_ids in group_docs:
+        batches: list[list[int]] = []
+        used = budget + 1
+        for seq_id in seq_ids:
+            if used + slots_of[seq_id] > budget:
+                batches.append([])
+                used = 0
+            batches[-1].append(seq_id)
+            used += slots_of[seq_id]
+        per_group.append(batches)
+
+    # Global order: round m runs micro-batch m of every group.
+    items: list[WorkItem] = []
+    mb_times: dict[int, float] = {}
+    for m in range(max(len(batches) for batches in per_group)):
+        for g, batches in enumerate(per_group):
+            if m >= len(batches):
+                continue
+            seq_ids = batches[m]
+            ranks = tuple(range(g * cp, (g + 1) * cp))
+            padded = [slots_of[i] for i in seq_ids]
+            mb_time = cost.micro_batch_time(padded, ranks)
+            first = len(items)
+            mb_times[first] = mb_time
+            if cp == 1:
+                shard = tuple([(i, 0, lengths_t[i]) for i in seq_ids])
+                items.append(
+                    WorkItem(item_id=first, ranks=ranks, shards=(shard,), est_time=mb_time)
+                )
+                continue
+            # est_time splits the micro-batch time over its documents by compute.
+            work = [cost.alpha * s * s + cost.beta * s for s in padded]
+            scale = mb_time / sum(work) if sum(work) > 0 else 0.0
+            for seq_id, w in zip(seq_ids, work, strict=True):
+                shards, chunk = _zigzag_shards(seq_id, lengths_t[seq_id], cp)
+                items.append(
+                    WorkItem(
+                        item_id=len(items),
+                        ranks=ranks,
+                        shards=shards,
+                        chunk_size=chunk,
+                        micro_batch=first,
+                        est_time=w * scale,
+                    )
+                )
+    stats = _plan_stats(tuple(items), mb_times, world_size, lengths_t, cost)
+    return Plan(
+        items=tuple(items),
+        world_size=world_size,
+        capacity=capacity,
+        lengths=lengths_t,
+        stats=stats,
+        strategy="static",
+        cost=cost,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _check_lengths(lengths: Sequence[int]) -> tuple[int, ...]:
+    try:
+        values = tuple(map(operator.index, lengths))
+    except TypeError:
+        raise TypeError(f"lengths must be a sequence of ints, got {lengths!r:.200}") from None
+    if not values:
+        raise ValueError("lengths is empty: a batch needs at least one sequence")
+    if min(values) < 1:
+        seq_id = next(i for i, n in enumerate(values) if n < 1)
+        raise ValueError(
+            f"lengths[{seq_id}] = {values[seq_id]}: every sequence needs >= 1 token; "
+            "drop empty ones"
+        )
+    return values
+
+
+def _check_world_and_capacity(world_size: int, capacity: int) -> None:
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        raise ValueError(
+            f"capacity must be an int >= 1 (tokens per rank per micro-batch), got {capacity!r}"
+        )
+
+
+def _check_group_rule(group_rule: GroupRule | str) -> GroupRule:
+    try:
+        return GroupRule(group_rule)
+    except ValueError:
+        raise ValueError(
+            f"group_rule must be one of {[g.value for g in GroupRule]}, got {group_rule!r}"
+        ) from None
+
+
+def _fits(length: int, d: int, capacity: int) -> bool:
+    """Whether one rank's share of ``length`` on d ranks fits (zigzag slots for d > 1)."""
+    if d == 1:
+        return length <= capacity
+    return 2 * math.ceil(length / (2 * d)) <= capacity
+
+
+def _min_ranks(length: int, capacity: int) -> int:
+    """Least d with _fits(length, d, capacity); 0 if no d fits (capacity 1, length >= 2)."""
+    if length <= capacity:
+        return 1
+    even = capacity - capacity % 2
+    if even == 0:
+        return 0
+    return math.ceil(length / even)
+
+
+def _ranks_needed(length: int, seq_id: int, capacity: int, world_size: int, rule: GroupRule) -> int:
+    d = _min_ranks(length, capacity)
+    if d == 0 or d > world_size:
+        limit = world_size * (capacity - capacity % 2) if world_size > 1 else capacity
+        raise ValueError(
+            f"sequence {seq_id} has {length} tokens; {world_size} ranks of capacity {capacity} hold "
+            f"at most {limit} (zigzag shards use an even number of slots); raise capacity or "
+            "world_size, or split the sequence"
+        )
+    if rule is GroupRule.POW2 and d > 1:
+        d = min(1 << (d - 1).bit_length(), world_size)
+    return d
+
+
+def _prefer_one_node(
+    heap: list[tuple[float, int]], popped: list[tuple[float, int]], d: int, node_size: int
+) -> list[tuple[float, int]]:
+    """Reorder ``popped`` (the d least-loaded ranks) so its first d entries sit in one node
+    when some node has d ranks that are free no later than those: the ring then runs over
+    NVLink instead of InfiniBand at the same start time. Extra candidates (at most
+    2 * node_size, to keep placement O(d + node_size)) are popped from ``heap`` and returned
+    after the first d; the caller pushes those back."""
+    start = popped[-1][0]
+    while heap and heap[0][0] <= start and len(popped) < d + 2 * node_size:
+        popped.append(heapq.heappop(heap))
+    by_node: dict[int, list[tuple[float, int]]] = {}
+    for entry in popped:  # popped is in (load, rank) order, so each list is too
+        by_node.setdefault(entry[1] // node_size, []).append(entry)
+    fits = [(members[d - 1], node) for node, members in by_node.items() if len(members) >= d]
+    if not fits:
+        return popped
+    _, node = min(fits)
+    first = by_node[node][:d]
+    taken = {r for _, r in first}
+    return first + [entry for entry in popped if entry[1] not in taken]
+
+
+def _padded(length: int, d: int) -> int:
+    """Length padded to a multiple of 2d (the zigzag layout)."""
+    return 2 * d * math.ceil(length / (2 * d))
+
+
+def _widen(
+    length: int, d: int, world_size: int, cost: CostModel, rule: GroupRule, mean_load: float
+) -> tuple[int, float]:
+    """Widen a ring that outlasts the mean rank load while that lowers the step's lower bound
+    max(ring time, mean load): more ranks shorten the ring but cost rank-seconds (exposed
+    ring traffic grows with d). Returns (d, the mean load with the chosen ring)."""
+    time = cost.micro_batch_time([_padded(length, d)], range(d))
+    while d < world_size and time > mean_load:
+        wider = min(2 * d, world_size) if rule is GroupRule.POW2 else d + 1
+        wider_time = cost.micro_batch_time([_padded(length, wider)], range(wider))
+        wider_mean = mean_load + (wider * wider_time - d * time) / world_size
+        if max(wider_time, wider_mean) >= max(time, mean_load):
+            break
+        d, time, mean_load = wider, wider_time, wider_mean
+    return d, mean_load
+
+
+def _choose_offload(
+    length: int,
+    d_min: int,
+    capacity: int,
+    cost: CostModel,
+    offload: OffloadConfig,
+    rule: GroupRule,
+    max_time: float,
+) -> tuple[int, float]:
+    """(d, ratio) minimising d * item time over d from the offload-enabled minimum to d_min,
+    among rings that take at most ``max_time``. Times assume ranks 0..d-1 (the planner has
+    not chosen ranks yet), i.e. NVLink rings up to node_size."""
+    keep = 1.0 - offload.max_ratio * offload.offloadable_fraction
+    best = (d_min * cost.micro_batch_time([_padded(length, d_min)], range(d_min)), d_min, 0.0)
+    d = max(2, _min_ranks(length, math.floor(capacity / keep)))
+    if rule is GroupRule.POW2:
+        d = 1 << (d - 1).bit_length()
+    while d < d_min:
+        slots = _padded(length, d) // d
+        # Least ratio with slots * (1 - ratio * f) <= capacity.
+        ratio = max(0.0, (1.0 - capacity / slots) / offload.offloadable_fraction)
+        if ratio <= offload.max_ratio:
+            time = cost.micro_batch_time(
+                [d * slots], range(d), offload_ratio=ratio, offload=offload
+            )
+            if d * time < best[0] and time <= max_time:
+                best = (d * time, d, ratio)
+        d = d * 2 if rule is GroupRule.POW2 else d + 1
+    return best[1], best[2]
+
+
+def _pack_best_fit(order: list[int], lengths: tuple[int, ...], capacity: int) -> list[list[int]]:
+    """Best-fit-decreasing: each sequence into the open bin with the least room that fits."""
+    if not order:
+        return []
+    if sum(lengths[i] for i in order) <= capacity:
+        return [order]
+    bins: list[list[int]] = []
+    # Open bins encoded as room * scale + bin index, so bisect finds the least room >= L and,
+    # among equal rooms, the oldest bin (deterministic).
+    scale = len(order) + 1
+    open_bins: list[int] = []
+    for seq_id in order:
+        L = lengths[seq_id]
+        pos = bisect_left(open_bins, L * scale)
+        if pos == len(open_bins):
+            index, room = len(bins), capacity
+            bins.append([])
+        else:
+            code = open_bins.pop(pos)
+            index, room = code % scale, code // scale
+        bins[index].append(seq_id)
+        room -= L
+        if room > 0:
+            insort(open_bins, room * scale + index)
+    return bins
+
+
+def _zigzag_shards(seq_id: int, length: int, d: int) -> tuple[tuple[tuple[Range, Range], ...], int]:
+    """Zigzag shards of one sequence on d ring positions, and the padded chunk size."""
+    c = -(-length // (2 * d))
+    # Chunk bounds min(k*c, length) for k = 0..2d, built with C-level range/zip (this runs
+    # once per document per static-mesh plan: 1e5 documents x CP 128 at cluster scale).
+    bounds = list(range(0, (length // c + 1) * c, c))
+    bounds += [length] * (2 * d + 1 - len(bounds))
+    chunks = list(zip([seq_id] * (2 * d), bounds[:-1], bounds[1:], strict=True))
+    return tuple(zip(chunks[:d], chunks[: d - 1 : -1], strict=True)), c
+
+
+def _plan_stats(
+    items: tuple[WorkItem, ...],
+    mb_times: dict[int, float],
+    world_size: int,
+    lengths: tuple[int, ...],
+    cost: CostModel,
+) -> PlanStats:
+    """Replay the global order: a micro-batch starts when all of its ranks are free.
+
+    ``mb_times``: per-rank seconds of each micro-batch, keyed by the id of its first item.
+    """
+    busy = [0.0] * world_size
+    finish = [0.0] * world_size
+    calls = [0] * world_size
+    kv = dkv = padding = 0
+    k = 0
+    while k < len(items):
+        first = items[k]
+        end = k + 1
+        while end < len(items) and items[end].micro_batch == first.micro_batch:
+            end += 1
+        mb_time = mb_times[first.item_id]
+        start = max(finish[r] for r in first.ranks)
+        for r in first.ranks:
+            busy[r] += mb_time
+            finish[r] = start + mb_time
+            calls[r] += 1
+        for item in items[k:end]:
+            d = len(item.ranks)
+            if d > 1:
+                slots = 2 * item.chunk_size
+                kv += cost.ring_kv_bytes(d, slots)
+                dkv += cost.ring_dkv_bytes(d, slots)
+                padding += d * slots - lengths[item.shards[0][0][0]]
+        k = end
+    makespan = max(finish)
+    mean_busy = sum(busy) / world_size
+    return PlanStats(
+        busy_time=tuple(busy),
+        finish_time=tuple(finish),
+        makespan=makespan,
+        balance=makespan / mean_busy if mean_busy > 0 else 1.0,
+        micro_batches=tuple(calls),
+        ring_kv_bytes=kv,
+        ring_dkv_bytes=dkv,
+        ring_bytes=kv + dkv,
+        padding_tokens=padding,
+        loss_tokens=sum(lengths) - len(lengths),
+    )
