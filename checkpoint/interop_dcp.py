@@ -1,0 +1,200 @@
+"""``torch.distributed.checkpoint`` (DCP) folders to and from bitscale checkpoints.
+
+Reading goes through DCP's own ``FileSystemReader`` and ``load`` (so any DCP layout,
+any saving world size, ``.distcp`` pickles or safetensors), one tensor at a time:
+memory holds one logical tensor. The nesting of the saved state comes from the
+metadata's ``planner_data`` (key -> path), so ``{"model": ..., "optim": ...}`` saved
+with DCP becomes the entries ``model`` and ``optim``. An optimizer saved the
+``get_state_dict`` way (state keyed by parameter FQN) becomes a bitscale optimizer
+entry keyed by ``"<model entry>/<fqn>"``, which ``Checkpointer.load`` matches by name.
+
+Writing builds the nested state (optimizer keyed by FQN again) and calls ``dcp.save``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from bitscale.checkpoint.format import (
+    EntryKind,
+    decode_skeleton,
+    encode_skeleton,
+    read_manifest,
+    read_tensor,
+    step_dir_name,
+)
+from bitscale.checkpoint.layout import StepWriter
+
+__all__ = ["export_dcp", "import_dcp"]
+
+
+def _dcp_metadata(dcp_dir: Path) -> Any:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not (dcp_dir / ".metadata").is_file():
+        raise ValueError(
+            f"{dcp_dir} is not a torch.distributed.checkpoint folder: it has no .metadata file"
+        )
+    try:
+        return FileSystemReader(str(dcp_dir)).read_metadata()
+    except Exception as error:
+        raise ValueError(
+            f"{dcp_dir}/.metadata cannot be read ({error!r}); is it damaged?"
+        ) from error
+
+
+def _set_path(tree: dict[str, Any], path: tuple[Any, ...], value: Any) -> None:
+    """Place ``value`` at ``path`` (str keys are dict keys, ints list indices)."""
+    node: Any = tree
+    for key, following in itertools.pairwise(path):
+        empty: Any = [] if isinstance(following, int) else {}
+        if isinstance(node, list):
+            while len(node) <= key:
+                node.append(None)
+            if node[key] is None:
+                node[key] = empty
+            node = node[key]
+        else:
+            node = node.setdefault(key, empty)
+    last = path[-1]
+    if isinstance(node, list):
+        while len(node) <= last:
+            node.append(None)
+    node[last] = value
+
+
+def import_dcp(
+    dcp_dir: str | os.PathLike[str],
+    root: str | os.PathLike[str],
+    step: int,
+    *,
+    model_entry: str = "model",
+    optimizer_entry: str = "optim",
+    progress: Any = None,
+) -> Path:
+    """Write the DCP checkpoint in ``dcp_dir`` as bitscale step ``step`` under ``root``.
+
+    Returns the committed step directory. ``progress(done, total)`` is called after
+    each tensor. Raises ``ValueError`` for a folder that is not a readable DCP
+    checkpoint; nothing is committed then.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    dcp_dir = Path(dcp_dir)
+    metadata = _dcp_metadata(dcp_dir)
+    paths = metadata.planner_data or {}
+    tree: dict[str, Any] = {}
+    items = sorted(metadata.state_dict_metadata.items())
+    with StepWriter(root, step) as writer:
+        for done, (key, item) in enumerate(items, 1):
+            path = tuple(paths.get(key, (key,)))
+            name = "/".join(str(p) for p in path)
+            if isinstance(item, TensorStorageMetadata):
+                value = torch.empty(item.size, dtype=item.properties.dtype)
+                dcp.load(
+                    {key: value}, storage_reader=dcp.FileSystemReader(str(dcp_dir)), no_dist=True
+                )
+                writer.add(name, value)
+                _set_path(tree, path, {"$tensor": name})
+            else:
+                holder: dict[str, Any] = {key: None}
+                dcp.load(holder, storage_reader=dcp.FileSystemReader(str(dcp_dir)), no_dist=True)
+                _set_path(tree, path, encode_skeleton(holder[key], _no_tensors, path[:1]))
+            if progress is not None:
+                progress(done, len(items))
+        entries = {}
+        for entry, value in tree.items():
+            kind = EntryKind.OBJECT
+            if entry == model_entry and _all_tensor_refs(value):
+                kind = EntryKind.MODULE
+            elif entry == optimizer_entry and _is_fqn_optimizer(value):
+                kind, value = EntryKind.OPTIMIZER, _prefix_optimizer(value, f"{model_entry}/")
+            entries[entry] = {"kind": str(kind), "value": value}
+        return writer.commit(entries)
+
+
+def _no_tensors(path: tuple[str, ...], tensor: torch.Tensor) -> str:
+    raise TypeError(f"a pickled tensor at {'/'.join(path)!r} in a DCP bytes entry")
+
+
+def _all_tensor_refs(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(v, dict) and set(v) == {"$tensor"} for v in value.values()
+    )
+
+
+def _is_fqn_optimizer(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("state"), dict)
+        and isinstance(value.get("param_groups"), list)
+        and all(isinstance(p, str) for g in value["param_groups"] for p in g.get("params", [None]))
+    )
+
+
+def _prefix_optimizer(value: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {
+        **value,
+        "state": {prefix + name: state for name, state in value["state"].items()},
+        "param_groups": [
+            {**group, "params": [prefix + p for p in group["params"]]}
+            for group in value["param_groups"]
+        ],
+    }
+
+
+def export_dcp(
+    root: str | os.PathLike[str],
+    dcp_dir: str | os.PathLike[str],
+    *,
+    step: int | None = None,
+    model_entry: str = "model",
+) -> int:
+    """Write bitscale step ``step`` (default: the newest) as a DCP checkpoint in ``dcp_dir``.
+
+    Optimizer entries are keyed by parameter FQN (``get_state_dict`` style), so
+    ``set_state_dict`` restores them. Returns the step written.
+    """
+    import torch.distributed.checkpoint as dcp
+    from bitscale.checkpoint.storage import latest_step
+
+    root = Path(root)
+    step = latest_step(root) if step is None else step
+    if step is None:
+        raise ValueError(f"no committed bitscale checkpoint under {root}")
+    step_dir = root / step_dir_name(step)
+    manifest = read_manifest(step_dir)
+    record = manifest.ranks[0]
+    state: dict[str, Any] = {}
+    for entry, saved in record.entries.items():
+        value = decode_skeleton(
+            saved["value"], lambda name: read_tensor(step_dir, manifest.tensors[name])
+        )
+        if saved["kind"] == str(EntryKind.OPTIMIZER):
+            value = _strip_optimizer(value, f"{model_entry}/")
+        state[entry] = value
+    dcp_dir = Path(dcp_dir)
+    if dcp_dir.exists() and any(dcp_dir.iterdir()):
+        raise ValueError(f"{dcp_dir} is not empty; choose a new folder for the DCP checkpoint")
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(dcp_dir)), no_dist=True)
+    return step
+
+
+def _strip_optimizer(value: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    def strip(name: str) -> str:
+        return name[len(prefix) :] if name.startswith(prefix) else name
+
+    return {
+        **value,
+        "state": {strip(name): state for name, state in value["state"].items()},
+        "param_groups": [
+            {**group, "params": [strip(p) for p in group["params"]]}
+            for group in value["param_groups"]
+        ],
+    }
