@@ -13,9 +13,10 @@ Ring traffic of a ``d``-rank zigzag ring item (``d >= 2``) whose ranks each hold
 token slots (``slots = 2 * chunk_size``, padding included, because the ring moves whole
 tensors) is, summed over all ranks and all attention layers::
 
-    kv_hop   = 2 * kv_heads * head_dim * element_size * slots    # one K block + one V block
-    ring_kv  = num_layers * d * 2 * (d - 1) * kv_hop             # (d-1) hops forward, (d-1) backward
-    ring_dkv = num_layers * d * d * kv_hop                       # dK/dV make d hops back to the owner
+    kv_hop   = 2 * kv_heads * head_dim * element_size * slots       # one K block + one V block
+    dkv_hop  = 2 * kv_heads * head_dim * dkv_element_size * slots   # dK/dV accumulate in fp32
+    ring_kv  = num_layers * d * 2 * (d - 1) * kv_hop                # (d-1) hops forward, (d-1) backward
+    ring_dkv = num_layers * d * d * dkv_hop                         # d hops back to the owner
 
 Each rank sends ``(3d - 2)`` blocks per layer. Ring communication overlaps only with
 attention compute of the same ring step, so what the ring adds to an item's time is::
@@ -105,7 +106,11 @@ class CostModel:
     """Key/value heads (fewer than query heads under GQA)."""
     head_dim: int = 128
     element_size: int = 2
-    """Bytes per element of K, V, dK and dV on the ring."""
+    """Bytes per element of K and V on the ring (the model's activation dtype)."""
+    dkv_element_size: int | None = None
+    """Bytes per element of dK and dV on the ring. ``None``: ``max(element_size, 4)``, because
+    the runtime accumulates and sends partial dK/dV in float32 (float64 for float64 models):
+    a bf16 ring adding bf16 partial gradients over 8 hops loses ~3 significant bits."""
     intra_node_bandwidth: float = 200e9
     """Bytes/s one rank sends to its ring neighbour inside a node."""
     inter_node_bandwidth: float = 25e9
@@ -123,6 +128,13 @@ class CostModel:
         for name in ("intra_node_bandwidth", "inter_node_bandwidth"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"CostModel.{name} must be > 0, got {getattr(self, name)}")
+        if self.dkv_element_size is not None and (
+            not isinstance(self.dkv_element_size, int) or self.dkv_element_size < 1
+        ):
+            raise ValueError(
+                f"CostModel.dkv_element_size must be None or an int >= 1, "
+                f"got {self.dkv_element_size!r}"
+            )
         for name in ("num_layers", "kv_heads", "head_dim", "element_size", "node_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -132,6 +144,12 @@ class CostModel:
     def kv_bytes_per_token(self) -> int:
         """Bytes of K and V of one token in one layer: 2 * kv_heads * head_dim * element_size."""
         return 2 * self.kv_heads * self.head_dim * self.element_size
+
+    @property
+    def dkv_bytes_per_token(self) -> int:
+        """Bytes of dK and dV of one token in one layer, in the ring's gradient dtype."""
+        dkv_element_size = self.dkv_element_size or max(self.element_size, 4)
+        return 2 * self.kv_heads * self.head_dim * dkv_element_size
 
     def ring_kv_bytes(self, d: int, slots: int) -> int:
         """K/V bytes all ranks of a ``d``-rank ring send for one item (forward + backward)."""
@@ -143,7 +161,7 @@ class CostModel:
         """dK/dV bytes all ranks of a ``d``-rank ring send for one item (backward)."""
         if d < 2:
             return 0
-        return self.num_layers * d * d * self.kv_bytes_per_token * slots
+        return self.num_layers * d * d * self.dkv_bytes_per_token * slots
 
     def ring_bandwidth(self, ranks: Sequence[int]) -> float:
         """Per-rank send bandwidth of a ring over ``ranks`` (NVLink inside a node, else IB)."""
@@ -172,11 +190,10 @@ class CostModel:
         if d == 1:
             return compute
         slots = sum(padded_lengths) // d
-        hop = self.kv_bytes_per_token * slots
-        ring = (
-            self.num_layers
-            * (3 * d - 2)
-            * (hop / self.ring_bandwidth(ranks) + self.ring_step_latency)
+        # Per layer each rank sends 2(d-1) K/V blocks and d dK/dV blocks.
+        sent = (2 * (d - 1) * self.kv_bytes_per_token + d * self.dkv_bytes_per_token) * slots
+        ring = self.num_layers * (
+            sent / self.ring_bandwidth(ranks) + (3 * d - 2) * self.ring_step_latency
         )
         attention = sum(self.alpha * s * s for s in padded_lengths) / d
         exposed = max(0.0, ring - attention * (d - 1) / d)

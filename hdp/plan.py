@@ -28,6 +28,7 @@ Conventions the runtime relies on:
   ``CostModel.ring_dkv_bytes(d, 2 * chunk_size)`` per multi-rank item, i.e. over all ranks and
   layers ``num_layers * d * (2(d-1)) * kv_hop`` K/V bytes and ``num_layers * d * d * kv_hop``
   dK/dV bytes with ``kv_hop = 2 * kv_heads * head_dim * element_size * 2 * chunk_size``
+  (dK/dV hops use ``dkv_element_size``, float32 by default)
   (details in `bitscale.hdp.cost`). Single-rank items send nothing. This counts one forward
   and one backward ring pass per attention layer (activation recomputation would repeat the
   forward pass); set the CostModel's num_layers, kv_heads, head_dim and element_size to the

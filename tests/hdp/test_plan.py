@@ -76,8 +76,9 @@ def check_plan(
             device_slots = slots * (1 - item.offload_ratio * offloadable_fraction)
             assert device_slots <= capacity + 1e-9
             hop = 2 * cost.kv_heads * cost.head_dim * cost.element_size * slots
+            dkv_hop = 2 * cost.kv_heads * cost.head_dim * max(cost.element_size, 4) * slots
             kv += cost.num_layers * item.cp_size * 2 * (item.cp_size - 1) * hop
-            dkv += cost.num_layers * item.cp_size * item.cp_size * hop
+            dkv += cost.num_layers * item.cp_size * item.cp_size * dkv_hop
             padding += item.cp_size * slots - lengths[seq_id]
         for r in item.ranks:
             key = (r, item.micro_batch)
@@ -257,8 +258,11 @@ def test_hand_checked_plan() -> None:
     # Single-rank items send nothing; the 4-rank ring sends (3*4-2) hops per rank per layer.
     cost = CostModel()
     assert cost.ring_kv_bytes(1, 100) == cost.ring_dkv_bytes(1, 100) == 0
-    hop = 2 * 32 * 128 * 2 * 126
-    assert cost.ring_kv_bytes(4, 126) + cost.ring_dkv_bytes(4, 126) == 32 * 4 * 10 * hop
+    hop = 2 * 32 * 128 * 2 * 126  # bf16 K/V
+    dkv_hop = 2 * 32 * 128 * 4 * 126  # dK/dV travel in float32
+    assert cost.ring_kv_bytes(4, 126) == 32 * 4 * 6 * hop
+    assert cost.ring_dkv_bytes(4, 126) == 32 * 4 * 4 * dkv_hop
+    assert CostModel(dkv_element_size=2).ring_dkv_bytes(4, 126) == 32 * 4 * 4 * hop
     # Every rank of that ring sends 6 K/V and 4 dK/dV blocks per layer.
     for r in first.ranks:
         kv, dkv = plan.ring_bytes_for_rank(r)
