@@ -19,13 +19,13 @@ def _package_version(name: str) -> str | None:
 
 
 def _kernel_mode(cuda_available: bool, triton_version: str | None) -> str:
-    if triton_version is None:
-        return "torch fallback (triton not installed)"
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return "triton interpreted (TRITON_INTERPRET=1)"
-    if cuda_available:
-        return "triton compiled"
-    return "torch fallback (no CUDA device; set TRITON_INTERPRET=1 to interpret triton)"
+    # The kernels' own dispatch point decides; this only reports its answer.
+    from bitscale.kernels.dispatch import kernel_status
+
+    status = kernel_status(
+        cuda_available=cuda_available, triton_installed=triton_version is not None
+    )
+    return status.describe()
 
 
 def collect_env() -> dict[str, Any]:

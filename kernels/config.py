@@ -1,0 +1,133 @@
+"""Option sets and validation shared by every kernels module (pure Python, no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+__all__ = [
+    "ACTIVATION_BITS",
+    "FLOAT_ACTIVATION_BITS",
+    "WEIGHT_BITS",
+    "Backend",
+    "BipolarConfig",
+    "QuantMethod",
+    "check_activation_bits",
+    "check_bits",
+    "check_group_size",
+    "parse_backend",
+    "parse_method",
+]
+
+WEIGHT_BITS = tuple(range(1, 9))
+"""Integer code widths of the bipolar-INT format (weights and quantized activations)."""
+FLOAT_ACTIVATION_BITS = 16
+"""``a_bits`` value meaning: activations stay float (bf16/fp16/fp32), weight-only quantization."""
+ACTIVATION_BITS = (*WEIGHT_BITS, FLOAT_ACTIVATION_BITS)
+
+
+class Backend(StrEnum):
+    """Which implementation runs a bipolar matmul.
+
+    ``AUTO`` picks compiled Triton for CUDA tensors, the Triton interpreter when
+    ``TRITON_INTERPRET=1``, and the exact torch reference otherwise; it never
+    raises for lack of hardware. An explicit choice that cannot run raises with
+    the reason.
+    """
+
+    AUTO = "auto"
+    TRITON = "triton"
+    """One int8 x int8 -> int32 ``tl.dot`` per tile on signed-centred codes (identity B)."""
+    TRITON_BITPLANE = "triton_bitplane"
+    """The paper's bit-plane decomposition: a*w binary plane products, shift-add recovery."""
+    REFERENCE = "reference"
+    """Pure torch, exact (int64 results); the CPU fallback and the test oracle."""
+
+
+class QuantMethod(StrEnum):
+    """How a quantization scale is chosen for each channel / token / K-group."""
+
+    ABSMAX = "absmax"
+    """Outer levels at +-absmax: cheap, but poor at 1-3 bits (the grid has no zero)."""
+    MSE = "mse"
+    """Clip-ratio search minimizing squared error; the default."""
+    MEANABS = "meanabs"
+    """Scale mean|x| / 2^(bits-1): the optimal 1-bit (XNOR) scale, generalized."""
+
+
+def parse_method(method: object) -> QuantMethod:
+    """Return ``method`` as a QuantMethod, or raise ValueError listing the allowed names."""
+    try:
+        return QuantMethod(method)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in QuantMethod)
+        raise ValueError(f"method must be one of {allowed}, got {method!r}") from None
+
+
+def parse_backend(backend: object) -> Backend:
+    """Return ``backend`` as a Backend, or raise ValueError listing the allowed names."""
+    try:
+        return Backend(backend)
+    except ValueError:
+        allowed = ", ".join(repr(b.value) for b in Backend)
+        raise ValueError(f"backend must be one of {allowed}, got {backend!r}") from None
+
+
+def check_bits(bits: object, name: str = "bits") -> int:
+    """Return ``bits`` if it is an integer code width in 1..8, else raise ValueError."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in WEIGHT_BITS:
+        raise ValueError(f"{name} must be an int in 1..8, got {bits!r}")
+    return bits
+
+
+def check_activation_bits(bits: object, name: str = "a_bits") -> int:
+    """Return ``bits`` if it is 1..8 or 16 (float activations), else raise ValueError."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in ACTIVATION_BITS:
+        raise ValueError(
+            f"{name} must be an int in 1..8, or 16 for float (weight-only) activations, "
+            f"got {bits!r}"
+        )
+    return bits
+
+
+def check_group_size(group_size: object, k: int) -> int | None:
+    """Validate a K-group size against the reduction length ``k``; None means one group."""
+    if group_size is None:
+        return None
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
+    if k % group_size:
+        raise ValueError(
+            f"group_size={group_size} does not divide K={k}; pick a divisor of K "
+            "or group_size=None (one scale per channel/token)"
+        )
+    return group_size
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BipolarConfig:
+    """How :class:`~bitscale.kernels.BipolarLinear` layers quantize and run."""
+
+    w_bits: int
+    """Weight code width, 1..8."""
+    a_bits: int = FLOAT_ACTIVATION_BITS
+    """Activation code width, 1..8 (dynamic per-token quantization), or 16 (float activations)."""
+    group_size: int | None = None
+    """K elements sharing one scale; None = one scale per output channel / token."""
+    method: QuantMethod = QuantMethod.MSE
+    """Weight scale selection."""
+    activation_method: QuantMethod = QuantMethod.ABSMAX
+    """Dynamic activation scale selection (the fused Triton quantizer implements absmax)."""
+    backend: Backend = Backend.AUTO
+    """Which implementation runs the matmul in eval mode."""
+    version: int = 1
+    """Format version of this config."""
+
+    def __post_init__(self) -> None:
+        check_bits(self.w_bits, "w_bits")
+        check_activation_bits(self.a_bits, "a_bits")
+        if self.group_size is not None:
+            check_group_size(self.group_size, self.group_size)
+        object.__setattr__(self, "method", parse_method(self.method))
+        object.__setattr__(self, "activation_method", parse_method(self.activation_method))
+        object.__setattr__(self, "backend", parse_backend(self.backend))

@@ -1,0 +1,302 @@
+"""The one place that checks hardware, picks a backend and imports Triton (lazily).
+
+``AUTO`` resolves to compiled Triton for CUDA tensors, to the Triton interpreter
+for CPU tensors when ``TRITON_INTERPRET=1``, and to the exact torch reference
+otherwise (logged once, never an error). An explicitly requested backend that
+cannot run raises ``RuntimeError`` naming what is missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from enum import StrEnum
+from types import ModuleType
+
+import torch
+from bitscale.kernels.config import (
+    FLOAT_ACTIVATION_BITS,
+    Backend,
+    QuantMethod,
+    check_activation_bits,
+    parse_backend,
+    parse_method,
+)
+from bitscale.kernels.format import BipolarTensor, pack_bitplanes, quantize, unpack_bitplanes
+from bitscale.kernels.reference import (
+    PackedWeight,
+    bipolar_linear_reference,
+    bipolar_mm_int_reference,
+    centred_codes,
+    check_mm_codes,
+    pack_weight,
+)
+
+__all__ = [
+    "KernelMode",
+    "KernelStatus",
+    "bipolar_linear",
+    "bipolar_mm_int",
+    "kernel_status",
+    "linear_packed",
+    "resolve_backend",
+]
+
+_log = logging.getLogger(__name__)
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class KernelMode(StrEnum):
+    """How kernels run on this machine by default."""
+
+    COMPILED = "triton compiled"
+    INTERPRETED = "triton interpreted"
+    TORCH_FALLBACK = "torch fallback"
+
+
+@dataclass(frozen=True, slots=True)
+class KernelStatus:
+    mode: KernelMode
+    reason: str
+
+    def describe(self) -> str:
+        return f"{self.mode.value} ({self.reason})"
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernel_status(
+    *, cuda_available: bool | None = None, triton_installed: bool | None = None
+) -> KernelStatus:
+    """Compiled / interpreted / torch fallback for CUDA tensors here, and why.
+
+    Does not import triton or initialize CUDA (``bitscale env`` reports this).
+    """
+    if triton_installed is None:
+        triton_installed = _triton_installed()
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if not triton_installed:
+        return KernelStatus(KernelMode.TORCH_FALLBACK, "triton not installed")
+    if _interpreting():
+        return KernelStatus(KernelMode.INTERPRETED, "TRITON_INTERPRET=1")
+    if cuda_available:
+        return KernelStatus(KernelMode.COMPILED, "CUDA device present")
+    return KernelStatus(
+        KernelMode.TORCH_FALLBACK,
+        "no CUDA device; set TRITON_INTERPRET=1 to interpret triton",
+    )
+
+
+def _triton_unavailable_reason(device: torch.device) -> str | None:
+    if not _triton_installed():
+        return "triton is not installed"
+    if device.type == "cuda" or (device.type == "cpu" and _interpreting()):
+        return None
+    if device.type == "cpu":
+        return (
+            "the tensors are on the CPU and TRITON_INTERPRET is not 1 (set it before "
+            "importing bitscale.kernels to run the Triton kernels in the interpreter)"
+        )
+    return f"Triton kernels need CUDA tensors (or CPU ones with TRITON_INTERPRET=1), got {device}"
+
+
+_logged_fallbacks: set[str] = set()
+
+
+def resolve_backend(backend: Backend | str, device: torch.device) -> Backend:
+    """The concrete backend (never AUTO) that runs on tensors of ``device``."""
+    backend = parse_backend(backend)
+    if backend is Backend.REFERENCE:
+        return backend
+    reason = _triton_unavailable_reason(device)
+    if backend is Backend.AUTO:
+        if reason is None:
+            return Backend.TRITON
+        if reason not in _logged_fallbacks:
+            _logged_fallbacks.add(reason)
+            _log.info("bitscale.kernels: using the torch reference because %s", reason)
+        return Backend.REFERENCE
+    if reason is not None:
+        raise RuntimeError(f"backend {backend.value!r} cannot run: {reason}")
+    return backend
+
+
+def _triton_module(name: str) -> ModuleType:
+    module = importlib.import_module(f"bitscale.kernels.{name}")
+    if _interpreting() != module.INTERPRETED:
+        raise RuntimeError(
+            "TRITON_INTERPRET changed after the Triton kernels were first loaded "
+            f"(loaded {'with' if module.INTERPRETED else 'without'} it); set it once, "
+            "before the first kernel call"
+        )
+    return module
+
+
+def bipolar_mm_int(
+    x_codes: torch.Tensor,
+    w_codes: torch.Tensor,
+    *,
+    a_bits: int,
+    w_bits: int,
+    backend: Backend | str = Backend.AUTO,
+) -> torch.Tensor:
+    """Exact int64 [M, N] product ``(2Ux - (2^a-1)) @ (2Uw - (2^w-1))^T``.
+
+    ``x_codes`` [M, K] and ``w_codes`` [N, K] are uint8 bipolar codes. Every
+    backend returns exactly this; ``Backend.TRITON_BITPLANE`` computes it with
+    the paper's bit-plane decomposition.
+    """
+    check_mm_codes(x_codes, w_codes, a_bits, w_bits)
+    chosen = resolve_backend(backend, x_codes.device)
+    if chosen is Backend.REFERENCE:
+        return bipolar_mm_int_reference(x_codes, w_codes, a_bits=a_bits, w_bits=w_bits)
+    if chosen is Backend.TRITON_BITPLANE:
+        return _triton_module("triton_bitplane").bipolar_mm_int_bitplane(
+            x_codes.contiguous(), w_codes.contiguous(), a_bits=a_bits, w_bits=w_bits
+        )
+    k = x_codes.shape[1]
+    x_centred = centred_codes(x_codes, a_bits).contiguous()
+    w_centred = centred_codes(w_codes, w_bits)
+    return _triton_module("triton_gemm").bipolar_gemm(
+        x_centred,
+        x_centred.sum(1, dtype=torch.int32).unsqueeze(1),
+        pack_bitplanes(w_codes, w_bits),
+        w_centred.sum(1, dtype=torch.int32).unsqueeze(1),
+        a_bits=a_bits,
+        w_bits=w_bits,
+        k=k,
+        group_k=k,
+    )
+
+
+def _check_linear_inputs(
+    x: torch.Tensor, in_features: int, out_features: int, bias: torch.Tensor | None
+) -> None:
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES:
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"x must be a float32, bfloat16 or float16 tensor, got {got}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"K mismatch: x has shape {tuple(x.shape)} but the weight has K={in_features} "
+            "(x must be [..., K])"
+        )
+    if bias is not None and (
+        not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_features,)
+    ):
+        got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"bias must have shape ({out_features},), got {got}")
+
+
+def linear_packed(
+    x: torch.Tensor,
+    weight: PackedWeight,
+    *,
+    a_bits: int = FLOAT_ACTIVATION_BITS,
+    activation_method: QuantMethod | str = QuantMethod.ABSMAX,
+    bias: torch.Tensor | None = None,
+    backend: Backend | str = Backend.AUTO,
+) -> torch.Tensor:
+    """``bipolar_linear`` on a weight already in kernel layout (what BipolarLinear holds)."""
+    check_activation_bits(a_bits)
+    activation_method = parse_method(activation_method)
+    _check_linear_inputs(x, weight.in_features, weight.out_features, bias)
+    if x.device != weight.planes.device:
+        raise ValueError(f"x is on {x.device} but the weight on {weight.planes.device}")
+    chosen = resolve_backend(backend, x.device)
+    if chosen is Backend.TRITON_BITPLANE:
+        raise ValueError(
+            "backend 'triton_bitplane' implements bipolar_mm_int only; use 'triton' or "
+            "'reference' for bipolar_linear"
+        )
+    if chosen is Backend.REFERENCE:
+        codes = unpack_bitplanes(weight.planes, weight.bits, weight.in_features)
+        w = BipolarTensor(codes, weight.scales, weight.bits, 1, weight.group_size)
+        return bipolar_linear_reference(
+            x, w, a_bits=a_bits, activation_method=activation_method, bias=bias
+        )
+    rows = x.reshape(-1, weight.in_features)
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    if a_bits == FLOAT_ACTIVATION_BITS:
+        out = _triton_module("triton_a16").bipolar_linear_a16(rows, weight, bias=bias)
+    else:
+        gemm = _triton_module("triton_gemm")
+        if activation_method is QuantMethod.ABSMAX:
+            x_centred, x_rowsums, x_scales = gemm.quantize_activations(
+                rows, a_bits=a_bits, group_k=weight.group_k
+            )
+        else:
+            q = quantize(rows, a_bits, group_size=weight.group_size, method=activation_method)
+            x_centred = centred_codes(q.codes, a_bits)
+            x_rowsums = (
+                x_centred.view(rows.shape[0], q.num_groups, -1)
+                .sum(-1, dtype=torch.int32)
+                .contiguous()
+            )
+            x_scales = q.scales
+        out = gemm.bipolar_gemm(
+            x_centred,
+            x_rowsums,
+            weight.planes,
+            weight.centred_rowsums,
+            a_bits=a_bits,
+            w_bits=weight.bits,
+            k=weight.in_features,
+            group_k=weight.group_k,
+            x_scales=x_scales,
+            w_scales=weight.scales,
+            bias=bias,
+            out_dtype=x.dtype,
+        )
+    return out.view(*x.shape[:-1], weight.out_features)
+
+
+def bipolar_linear(
+    x: torch.Tensor,
+    w: BipolarTensor,
+    *,
+    a_bits: int = FLOAT_ACTIVATION_BITS,
+    bias: torch.Tensor | None = None,
+    backend: Backend | str = Backend.AUTO,
+    activation_method: QuantMethod | str = QuantMethod.ABSMAX,
+) -> torch.Tensor:
+    """Float ``x`` [..., K] times a quantized weight ``w`` [N, K]: float [..., N] in x's dtype.
+
+    ``a_bits=16`` keeps activations float (weight-only); ``a_bits`` in 1..8
+    quantizes them per token (per K-group if ``w`` is grouped) on the fly.
+    """
+    check_activation_bits(a_bits)
+    activation_method = parse_method(activation_method)
+    if not isinstance(w, BipolarTensor):
+        raise TypeError(f"w must be a BipolarTensor, got {type(w).__name__}")
+    if w.codes.dim() != 2 or w.axis != 1:
+        raise ValueError(
+            f"w must be a 2-d [N, K] weight quantized along K (axis=-1), got shape "
+            f"{tuple(w.shape)} with axis={w.axis}"
+        )
+    _check_linear_inputs(x, w.shape[1], w.shape[0], bias)
+    chosen = resolve_backend(backend, x.device)
+    if chosen is Backend.REFERENCE:
+        if x.device != w.codes.device:
+            raise ValueError(f"x is on {x.device} but w on {w.codes.device}")
+        return bipolar_linear_reference(
+            x, w, a_bits=a_bits, activation_method=activation_method, bias=bias
+        )
+    return linear_packed(
+        x,
+        pack_weight(w),
+        a_bits=a_bits,
+        activation_method=activation_method,
+        bias=bias,
+        backend=chosen,
+    )

@@ -1,0 +1,298 @@
+"""``BipolarLinear``: an nn.Linear replacement with bipolar-INT weights (and activations).
+
+Training keeps float master weights and fake-quantizes weights (and, for
+``a_bits <= 8``, activations) in the forward pass with a straight-through
+estimator, so gradients reach the master weights as if quantization were the
+identity (quantization-aware training). Eval quantizes the master weights once
+(cached until they change), packs them into bit planes and runs them through
+the dispatched kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from bitscale.kernels.config import (
+    FLOAT_ACTIVATION_BITS,
+    Backend,
+    BipolarConfig,
+    QuantMethod,
+    check_group_size,
+)
+from bitscale.kernels.dispatch import linear_packed, resolve_backend
+from bitscale.kernels.format import (
+    BipolarTensor,
+    dequantize,
+    fake_quantize,
+    quantize,
+    unpack_bitplanes,
+)
+from bitscale.kernels.reference import PackedWeight, dequantized_linear, pack_weight
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["BipolarLinear", "quantize_model"]
+
+
+class BipolarLinear(nn.Module):
+    """``y = x @ W_q^T + b`` with W quantized to ``w_bits`` bipolar-INT.
+
+    ``a_bits=16`` keeps activations float; ``a_bits`` in 1..8 quantizes them
+    per token (per K-group with ``group_size``) on the fly. The state dict holds
+    only the float master ``weight`` and ``bias``, like nn.Linear's.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        w_bits: int,
+        a_bits: int = FLOAT_ACTIVATION_BITS,
+        group_size: int | None = None,
+        bias: bool = True,
+        method: QuantMethod | str = QuantMethod.MSE,
+        activation_method: QuantMethod | str = QuantMethod.ABSMAX,
+        backend: Backend | str = Backend.AUTO,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = BipolarConfig(
+            w_bits=w_bits,
+            a_bits=a_bits,
+            group_size=group_size,
+            method=method,
+            activation_method=activation_method,
+            backend=backend,
+        )
+        check_group_size(group_size, in_features)
+        self.in_features = in_features
+        self.out_features = out_features
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self._packed: PackedWeight | None = None
+        self._dequantized: torch.Tensor | None = None
+        self._packed_key: tuple | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialization."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        w_bits: int,
+        a_bits: int = FLOAT_ACTIVATION_BITS,
+        group_size: int | None = None,
+        method: QuantMethod | str = QuantMethod.MSE,
+        activation_method: QuantMethod | str = QuantMethod.ABSMAX,
+        backend: Backend | str = Backend.AUTO,
+    ) -> BipolarLinear:
+        """A BipolarLinear whose master weights are a copy of ``linear``'s."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            w_bits=w_bits,
+            a_bits=a_bits,
+            group_size=group_size,
+            bias=linear.bias is not None,
+            method=method,
+            activation_method=activation_method,
+            backend=backend,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        layer.train(linear.training)
+        return layer
+
+    def packed_weight(self) -> PackedWeight:
+        """The quantized, bit-plane packed weight used in eval (recomputed when W changes)."""
+        weight = self.weight
+        # In-place updates (optimizer steps, load_state_dict, .copy_) bump the
+        # version counter; .to() / replacing the parameter changes the storage.
+        key = (weight._version, weight.data_ptr(), weight.device, weight.dtype)
+        if self._packed is None or self._packed_key != key:
+            quantized = quantize(
+                weight.detach(),
+                self.config.w_bits,
+                group_size=self.config.group_size,
+                method=self.config.method,
+            )
+            self._packed = pack_weight(quantized)
+            self._dequantized = None
+            self._packed_key = key
+        return self._packed
+
+    def _reference_weight(self) -> torch.Tensor:
+        """The packed weight, unpacked and dequantized once for the torch fallback.
+
+        Unpacking 2048 x 2048 bit planes on every call cost more than the fp32
+        matmul itself on 2 CPU cores; the cache (float32 [N, K], the size of the
+        master weight) keeps the fallback near nn.Linear's speed.
+        """
+        packed = self.packed_weight()
+        if self._dequantized is None:
+            self._dequantized = _dequantize_packed(packed)
+        return self._dequantized
+
+    def _eval_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        config = self.config
+        if resolve_backend(config.backend, x.device) is Backend.REFERENCE:
+            return dequantized_linear(
+                x.detach(),
+                self._reference_weight(),
+                group_size=config.group_size,
+                a_bits=config.a_bits,
+                activation_method=config.activation_method,
+                bias=bias,
+            )
+        return linear_packed(
+            x.detach(),
+            self.packed_weight(),
+            a_bits=config.a_bits,
+            activation_method=config.activation_method,
+            bias=bias,
+            backend=config.backend,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        config = self.config
+        if not self.training:
+            bias = self.bias
+            needs_grad = x.requires_grad or (bias is not None and bias.requires_grad)
+            if torch.is_grad_enabled() and needs_grad:
+                return _FrozenWeightLinear.apply(x, bias, self)
+            return self._eval_forward(x, None if bias is None else bias.detach())
+        weight = _straight_through(
+            self.weight, fake_quantize(self.weight, config.w_bits, config.group_size, config.method)
+        )
+        if config.a_bits != FLOAT_ACTIVATION_BITS:
+            x = _straight_through(
+                x, fake_quantize(x, config.a_bits, config.group_size, config.activation_method)
+            )
+        return F.linear(x, weight.to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, w_bits={c.w_bits}, a_bits={c.a_bits}, "
+            f"group_size={c.group_size}, method={c.method.value}, backend={c.backend.value}"
+        )
+
+
+def _dequantize_packed(packed: PackedWeight) -> torch.Tensor:
+    codes = unpack_bitplanes(packed.planes, packed.bits, packed.in_features)
+    return dequantize(BipolarTensor(codes, packed.scales, packed.bits, 1, packed.group_size))
+
+
+class _FrozenWeightLinear(torch.autograd.Function):
+    """Eval-mode kernel call with gradients for x and bias (the weights stay frozen).
+
+    The kernels have no backward; this gives the one of y = x_q @ W_q^T + b with
+    a straight-through x_q, so a quantized model in eval mode can still pass
+    gradients to layers before it (adapters, inputs).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        layer: BipolarLinear,
+    ) -> torch.Tensor:
+        ctx.layer = layer
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return layer._eval_forward(x, None if bias is None else bias.detach())
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        layer: BipolarLinear = ctx.layer
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            weight = _dequantize_packed(layer.packed_weight())
+            grad_x = (grad_out.to(torch.float32) @ weight).to(grad_out.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[1]:
+            grad_bias = grad_out.reshape(-1, layer.out_features).sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_bias, None
+
+
+def _straight_through(value: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+    """``quantized`` in the forward pass, the identity's gradient in the backward pass."""
+    return value + (quantized.to(value.dtype) - value).detach()
+
+
+def quantize_model(
+    model: nn.Module,
+    *,
+    w_bits: int,
+    a_bits: int = FLOAT_ACTIVATION_BITS,
+    group_size: int | None = None,
+    filter: Callable[[str, nn.Linear], bool] | None = None,
+    method: QuantMethod | str = QuantMethod.MSE,
+    activation_method: QuantMethod | str = QuantMethod.ABSMAX,
+    backend: Backend | str = Backend.AUTO,
+) -> nn.Module:
+    """Replace every ``nn.Linear`` in ``model`` (in place) by a BipolarLinear; returns ``model``.
+
+    ``filter(qualified_name, linear)`` picks which layers to swap (default: all).
+    """
+    BipolarConfig(
+        w_bits=w_bits,
+        a_bits=a_bits,
+        group_size=group_size,
+        method=method,
+        activation_method=activation_method,
+        backend=backend,
+    )
+    if isinstance(model, nn.Linear):
+        raise ValueError(
+            "quantize_model swaps child modules; for a bare nn.Linear use "
+            "BipolarLinear.from_linear(linear, ...)"
+        )
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and (filter is None or filter(name, module))
+    ]
+    for name, linear in targets:
+        if group_size is not None and linear.in_features % group_size:
+            raise ValueError(
+                f"group_size={group_size} does not divide in_features={linear.in_features} "
+                f"of layer {name!r}; pick a common divisor or exclude it with filter"
+            )
+    for name, linear in targets:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(
+            parent,
+            child_name,
+            BipolarLinear.from_linear(
+                linear,
+                w_bits=w_bits,
+                a_bits=a_bits,
+                group_size=group_size,
+                method=method,
+                activation_method=activation_method,
+                backend=backend,
+            ),
+        )
+    return model

@@ -1,0 +1,169 @@
+"""Triton weight-only bipolar linear (A16): float activations times bit-plane weights.
+
+Imported only by :mod:`bitscale.kernels.dispatch`, lazily. Shape legend as in
+``triton_gemm``: x [M, K] (bf16/fp16/fp32), weight planes uint8 [w, N, ceil(K/8)],
+scales float32 [N, NG]. Each K-tile of the weight is unpacked in registers to its
+bipolar levels 2U - (2^w - 1) (odd integers up to 255, exact in bf16 and fp16),
+dotted with the activations in their own dtype with a float32 accumulator, and
+scaled once per K-group.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from bitscale.kernels.reference import PackedWeight
+
+__all__ = ["INTERPRETED", "bipolar_linear_a16"]
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _a16_configs() -> list[triton.Config]:
+    if INTERPRETED:
+        # One config (autotune would run them all); tiles the GPU compiler accepts.
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        # BLOCK_N = 32 tiles keep >= 128 programs busy at M <= 16, N = 4096
+        # (132 SMs on an H100), where the weight read is the whole cost.
+        for bm, bn, bk, w, s in (
+            (16, 32, 128, 4, 4),
+            (16, 32, 256, 4, 3),
+            (16, 64, 128, 4, 4),
+            (16, 128, 128, 4, 4),
+            (16, 256, 64, 4, 4),
+            (32, 128, 64, 4, 4),
+            (64, 128, 64, 4, 3),
+            (128, 128, 64, 8, 3),
+            (128, 256, 64, 8, 3),
+        )
+    ]
+
+
+@triton.autotune(configs=_a16_configs(), key=["M_BUCKET", "N", "K", "GROUP_K", "W_BITS"])
+@triton.jit
+def _bipolar_a16_kernel(
+    x_ptr,
+    w_ptr,
+    w_scale_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    GROUP_K,
+    NUM_GROUPS,
+    stride_xm,
+    stride_wplane,
+    stride_wn,
+    stride_om,
+    M_BUCKET,
+    W_BITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    result = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in range(0, NUM_GROUPS):
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kk in range(0, GROUP_K, BLOCK_K):
+            in_group = (kk + offs_k) < GROUP_K
+            k = g * GROUP_K + kk + offs_k
+            # Padded activations are 0, so the weight levels there never count.
+            x_MK = tl.load(
+                x_ptr + offs_m[:, None] * stride_xm + k[None, :],
+                mask=m_mask[:, None] & in_group[None, :],
+                other=0.0,
+            )
+            w_byte_KN = w_ptr + (k // 8)[:, None] + offs_n[None, :] * stride_wn
+            w_shift_K1 = (k % 8)[:, None]
+            w_mask = in_group[:, None] & n_mask[None, :]
+            u_KN = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.int32)
+            for j in tl.static_range(W_BITS):
+                plane = tl.load(w_byte_KN + j * stride_wplane, mask=w_mask, other=0)
+                u_KN += ((plane.to(tl.int32) >> w_shift_K1) & 1) << j
+            level_KN = 2 * u_KN - ((1 << W_BITS) - 1)
+            if DOT_FP32:
+                acc = tl.dot(
+                    x_MK.to(tl.float32), level_KN.to(tl.float32), acc, input_precision=PRECISION
+                )
+            else:
+                acc = tl.dot(x_MK, level_KN.to(x_ptr.dtype.element_ty), acc)
+        w_scale = tl.load(w_scale_ptr + offs_n * NUM_GROUPS + g, mask=n_mask, other=0.0)
+        result += acc * w_scale[None, :]
+    if HAS_BIAS:
+        result += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def bipolar_linear_a16(
+    x: torch.Tensor, weight: PackedWeight, *, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ dequantize(weight)^T (+ bias)`` for float x [M, K]; output [M, N] in x's dtype."""
+    if x.dim() != 2 or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous 2-d [M, K] tensor, got {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    m, k = x.shape
+    n = weight.out_features
+    if k != weight.in_features:
+        raise ValueError(f"K mismatch: x is {tuple(x.shape)}, the weight has K={k}")
+    planes = weight.planes
+    if not planes.is_contiguous() or not weight.scales.is_contiguous():
+        raise ValueError("the packed weight's planes and scales must be contiguous")
+    if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be a contiguous ({n},) tensor")
+    out = torch.empty((m, n), dtype=_store_dtype(x.dtype), device=x.device)
+    if m == 0:
+        return out.to(x.dtype)
+    fp32 = x.dtype == torch.float32
+    group_k = weight.group_k
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
+
+    _bipolar_a16_kernel[grid](
+        x,
+        planes,
+        weight.scales,
+        bias if bias is not None else weight.scales,
+        out,
+        m,
+        n,
+        k,
+        group_k,
+        k // group_k,
+        x.stride(0),
+        planes.stride(0),
+        planes.stride(1),
+        out.stride(0),
+        min(triton.next_power_of_2(m), 4096),
+        W_BITS=weight.bits,
+        HAS_BIAS=bias is not None,
+        # The interpreter's bf16/fp16 tl.dot is wrong: dot in float32 there. On a GPU
+        # float32 activations need "ieee", or tl.dot would round them to TF32.
+        DOT_FP32=INTERPRETED or fp32,
+        PRECISION="ieee" if INTERPRETED or fp32 else "tf32",
+    )
+    return out.to(x.dtype)
+
+
+def _store_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The interpreter's float32 -> bf16 cast truncates (GPUs round to nearest even):
+    there the kernel stores float32 and torch rounds."""
+    return torch.float32 if INTERPRETED and dtype == torch.bfloat16 else dtype

@@ -1,0 +1,325 @@
+"""Triton bipolar GEMM with one int8 x int8 -> int32 ``tl.dot`` per tile (identity B).
+
+Imported only by :mod:`bitscale.kernels.dispatch`, lazily: this is the one
+module (with its siblings ``triton_a16`` and ``triton_bitplane``) that imports
+triton. ``TRITON_INTERPRET`` is read when the kernels are decorated, at import.
+
+Shape legend: M rows of activations (tokens), N output channels, K the
+reduction, G the K-group length (``group_k``; K when ungrouped), NG = K / G.
+Activations arrive as signed-centred codes S = Ux - 2^(a-1) (int8 [M, K]),
+weights as w bit planes (uint8 [w, N, ceil(K/8)]); per group g,
+
+    Y_g = 4 * S_g @ T_g^T + 2 * rowsum(S_g) 1^T + 2 * 1 rowsum(T_g)^T + G
+
+is the exact integer product of the bipolar values, and the float output is
+``sum_g scale_x[m, g] * scale_w[n, g] * Y_g``. Padding (K past a group's end,
+rows past M) loads S = 0, which zeroes the product whatever T holds there, and
+the correction uses the true G.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["INTERPRETED", "bipolar_gemm", "quantize_activations"]
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# int32 holds |S @ T^T| <= G * 2^(a + w - 2) only while that stays below 2^31
+# (W8A8: G < 131072); past it every tile's partial product goes to int64.
+_INT32_LIMIT = 1 << 31
+
+
+def _gemm_configs() -> list[triton.Config]:
+    if INTERPRETED:
+        # The interpreter ignores warps/stages and autotune would run every
+        # config: one small config, BLOCK_M/N >= 16 and BLOCK_K >= 32 like the
+        # GPU compiler's int8 MMA needs, so CPU tests exercise compilable tiles.
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        # BLOCK_N = 32 tiles keep >= 128 programs busy at M <= 16, N = 4096
+        # (132 SMs on an H100), where the weight read is the whole cost.
+        for bm, bn, bk, w, s in (
+            (16, 32, 128, 4, 4),
+            (16, 32, 256, 4, 3),
+            (16, 64, 128, 4, 4),
+            (16, 128, 128, 4, 4),
+            (32, 64, 128, 4, 4),
+            (64, 64, 128, 4, 4),
+            (64, 128, 128, 4, 3),
+            (128, 128, 64, 8, 3),
+            (128, 128, 128, 8, 3),
+            (128, 256, 64, 8, 3),
+        )
+    ]
+
+
+def _m_bucket(m: int) -> int:
+    """Autotune key: shapes with M in the same power-of-two bucket share a config."""
+    return min(triton.next_power_of_2(max(m, 1)), 4096)
+
+
+@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "GROUP_K", "W_BITS"])
+@triton.jit
+def _bipolar_gemm_kernel(
+    x_ptr,
+    x_rowsum_ptr,
+    x_scale_ptr,
+    w_ptr,
+    w_rowsum_ptr,
+    w_scale_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    GROUP_K,
+    NUM_GROUPS,
+    stride_xm,
+    stride_wplane,
+    stride_wn,
+    stride_om,
+    M_BUCKET,
+    W_BITS: tl.constexpr,
+    INT_OUT: tl.constexpr,
+    WIDE_ACC: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    if INT_OUT:
+        result = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int64)
+    else:
+        result = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in range(0, NUM_GROUPS):
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        wide = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int64)
+        for kk in range(0, GROUP_K, BLOCK_K):
+            in_group = (kk + offs_k) < GROUP_K
+            k = g * GROUP_K + kk + offs_k
+            x_SK = tl.load(
+                x_ptr + offs_m[:, None] * stride_xm + k[None, :],
+                mask=m_mask[:, None] & in_group[None, :],
+                other=0,
+            )
+            w_byte_KN = w_ptr + (k // 8)[:, None] + offs_n[None, :] * stride_wn
+            w_shift_K1 = (k % 8)[:, None]
+            w_mask = in_group[:, None] & n_mask[None, :]
+            u_KN = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.int32)
+            for j in tl.static_range(W_BITS):
+                plane = tl.load(w_byte_KN + j * stride_wplane, mask=w_mask, other=0)
+                u_KN += ((plane.to(tl.int32) >> w_shift_K1) & 1) << j
+            t_KN = (u_KN - (1 << (W_BITS - 1))).to(tl.int8)
+            if WIDE_ACC:
+                wide += tl.dot(x_SK, t_KN, out_dtype=tl.int32).to(tl.int64)
+            else:
+                acc = tl.dot(x_SK, t_KN, acc, out_dtype=tl.int32)
+        x_rowsum = tl.load(x_rowsum_ptr + offs_m * NUM_GROUPS + g, mask=m_mask, other=0)
+        w_rowsum = tl.load(w_rowsum_ptr + offs_n * NUM_GROUPS + g, mask=n_mask, other=0)
+        # Recover in int64: the bipolar product reaches G * (2^a - 1)(2^w - 1),
+        # which overflows int32 for W8A8 past G ~ 33k.
+        y = (
+            4 * (wide + acc.to(tl.int64))
+            + 2 * x_rowsum.to(tl.int64)[:, None]
+            + 2 * w_rowsum.to(tl.int64)[None, :]
+            + GROUP_K
+        )
+        if INT_OUT:
+            result += y
+        else:
+            x_scale = tl.load(x_scale_ptr + offs_m * NUM_GROUPS + g, mask=m_mask, other=0.0)
+            w_scale = tl.load(w_scale_ptr + offs_n * NUM_GROUPS + g, mask=n_mask, other=0.0)
+            result += y.to(tl.float32) * (x_scale[:, None] * w_scale[None, :])
+    if HAS_BIAS:
+        result += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _require(tensor: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    if tensor.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype}, got {tensor.dtype}")
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+    if not tensor.is_contiguous():
+        raise ValueError(f"{name} must be contiguous; call .contiguous() first")
+
+
+def bipolar_gemm(
+    x_centred: torch.Tensor,
+    x_rowsums: torch.Tensor,
+    w_planes: torch.Tensor,
+    w_rowsums: torch.Tensor,
+    *,
+    a_bits: int,
+    w_bits: int,
+    k: int,
+    group_k: int,
+    x_scales: torch.Tensor | None = None,
+    w_scales: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    accumulate_int64: bool | None = None,
+) -> torch.Tensor:
+    """Launch the identity-B GEMM.
+
+    Without scales the result is the exact int64 [M, N] bipolar product (one
+    group, ``group_k == k``); with ``x_scales`` [M, NG] and ``w_scales`` [N, NG]
+    (float32) it is the scaled float output in ``out_dtype``, plus ``bias``.
+    ``accumulate_int64`` forces (True) or forbids (False) the int64 tile
+    accumulator; None picks it only when int32 could overflow.
+    """
+    if k < 1 or group_k < 1 or k % group_k:
+        raise ValueError(f"group_k={group_k} must be positive and divide K={k}")
+    m = x_centred.shape[0] if x_centred.dim() == 2 else -1
+    n = w_planes.shape[1] if w_planes.dim() == 3 else -1
+    num_groups = k // group_k
+    _require(x_centred, "x_centred", torch.int8, (m, k))
+    _require(x_rowsums, "x_rowsums", torch.int32, (m, num_groups))
+    _require(w_planes, "w_planes", torch.uint8, (w_bits, n, (k + 7) // 8))
+    _require(w_rowsums, "w_rowsums", torch.int32, (n, num_groups))
+    int_out = x_scales is None
+    if int_out != (w_scales is None):
+        raise ValueError("pass both x_scales and w_scales (float output) or neither (int64)")
+    if int_out:
+        if num_groups != 1:
+            raise ValueError("the exact int64 output needs one K-group (group_k == K)")
+        if bias is not None:
+            raise ValueError("bias needs the float output (pass x_scales and w_scales)")
+        dtype = torch.int64
+    else:
+        _require(x_scales, "x_scales", torch.float32, (m, num_groups))
+        _require(w_scales, "w_scales", torch.float32, (n, num_groups))
+        dtype = out_dtype or torch.float32
+    if bias is not None:
+        _require(bias, "bias", bias.dtype, (n,))
+    devices = {t.device for t in (x_centred, w_planes, x_scales, w_scales, bias) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    if accumulate_int64 is None:
+        accumulate_int64 = group_k << (a_bits + w_bits - 2) >= _INT32_LIMIT
+    # The interpreter's float32 -> bf16 cast truncates (GPUs round to nearest
+    # even): there the kernel stores float32 and torch rounds.
+    store_dtype = torch.float32 if INTERPRETED and dtype == torch.bfloat16 else dtype
+    out = torch.empty((m, n), dtype=store_dtype, device=x_centred.device)
+    if m == 0 or n == 0:
+        return out.to(dtype)
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
+
+    _bipolar_gemm_kernel[grid](
+        x_centred,
+        x_rowsums,
+        x_scales if x_scales is not None else x_rowsums,
+        w_planes,
+        w_rowsums,
+        w_scales if w_scales is not None else w_rowsums,
+        bias if bias is not None else w_rowsums,
+        out,
+        m,
+        n,
+        k,
+        group_k,
+        num_groups,
+        x_centred.stride(0),
+        w_planes.stride(0),
+        w_planes.stride(1),
+        out.stride(0),
+        _m_bucket(m),
+        W_BITS=w_bits,
+        INT_OUT=int_out,
+        WIDE_ACC=accumulate_int64,
+        HAS_BIAS=bias is not None,
+    )
+    return out.to(dtype)
+
+
+@triton.jit
+def _quantize_activations_kernel(
+    x_ptr,
+    codes_ptr,
+    rowsum_ptr,
+    scale_ptr,
+    GROUP_K,
+    NUM_GROUPS,
+    stride_xm,
+    LEVELS: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # One program per (token, K-group): absmax pass, then a code + row-sum pass,
+    # so dynamic activation quantization is one launch, not four torch ops.
+    row = tl.program_id(0)
+    group = tl.program_id(1)
+    offs = tl.arange(0, BLOCK)
+    start = row * stride_xm + group * GROUP_K
+    absmax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for kk in range(0, GROUP_K, BLOCK):
+        mask = kk + offs < GROUP_K
+        x = tl.load(x_ptr + start + kk + offs, mask=mask, other=0.0).to(tl.float32)
+        absmax = tl.maximum(absmax, tl.abs(x))
+    # The same IEEE operations, in the same order, as format.codes_from_scales.
+    scale = tl.math.div_rn(tl.max(absmax, axis=0), LEVELS * 1.0)
+    step = tl.where(scale == 0.0, 1.0, scale) * 2.0
+    total = tl.zeros((BLOCK,), dtype=tl.int32)
+    code_start = row * NUM_GROUPS * GROUP_K + group * GROUP_K
+    for kk in range(0, GROUP_K, BLOCK):
+        mask = kk + offs < GROUP_K
+        x = tl.load(x_ptr + start + kk + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.floor(tl.math.div_rn(x, step) + HALF * 1.0)
+        u = tl.minimum(tl.maximum(u, 0.0), LEVELS * 1.0)
+        s = u.to(tl.int32) - HALF
+        tl.store(codes_ptr + code_start + kk + offs, s.to(tl.int8), mask=mask)
+        total += tl.where(mask, s, 0)
+    tl.store(rowsum_ptr + row * NUM_GROUPS + group, tl.sum(total, axis=0))
+    tl.store(scale_ptr + row * NUM_GROUPS + group, scale)
+
+
+def quantize_activations(
+    x: torch.Tensor, *, a_bits: int, group_k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Absmax per-token (per K-group) quantization of float ``x`` [M, K], fused.
+
+    Returns signed-centred codes (int8 [M, K]), their row sums per group
+    (int32 [M, NG]) and the scales (float32 [M, NG]); the codes equal
+    ``quantize(x, a_bits, group_size=group_k, method="absmax").codes - 2^(a-1)``.
+    """
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"x must be 2-d [M, K] with unit stride along K, got {tuple(x.shape)}")
+    m, k = x.shape
+    if group_k < 1 or k % group_k:
+        raise ValueError(f"group_k={group_k} must be positive and divide K={k}")
+    num_groups = k // group_k
+    codes = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    rowsums = torch.empty((m, num_groups), dtype=torch.int32, device=x.device)
+    scales = torch.empty((m, num_groups), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return codes, rowsums, scales
+    block = min(triton.next_power_of_2(group_k), 64 if INTERPRETED else 1024)
+    _quantize_activations_kernel[(m, num_groups)](
+        x,
+        codes,
+        rowsums,
+        scales,
+        group_k,
+        num_groups,
+        x.stride(0),
+        LEVELS=(1 << a_bits) - 1,
+        HALF=1 << (a_bits - 1),
+        BLOCK=block,
+    )
+    return codes, rowsums, scales

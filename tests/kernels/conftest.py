@@ -1,0 +1,95 @@
+"""Shared fixtures for the kernels tests.
+
+Without CUDA, the Triton kernels run in the interpreter. ``TRITON_INTERPRET``
+is read whenever triton decorates a function: when ``triton.language`` is
+imported (its own @jit helpers such as ``tl.max``) and when dispatch first
+imports ``bitscale.kernels.triton_*`` (lazily, inside a kernels test). So
+triton is imported here, at collection, with the variable set, and an autouse
+fixture sets it for each kernels test; between those it is restored, so tests
+of other areas in the same pytest run keep AUTO = the torch reference on CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+    _previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    import triton.language
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if _previous is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _previous
+    if not isinstance(triton.language.max, InterpretedFunction):
+        raise RuntimeError(
+            "triton was imported before tests/kernels/conftest.py without TRITON_INTERPRET=1, "
+            "so the interpreter cannot run its kernels; run with TRITON_INTERPRET=1 set"
+        )
+
+
+@pytest.fixture(autouse=True)
+def _triton_interpreter_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread() -> Iterator[None]:
+    """Run each kernels test on one torch thread, then restore the setting.
+
+    The tests run many small ops; a second intra-op thread only adds
+    synchronization, and on a shared 2-core machine it waits for a core (the
+    QAT training test took 63 s with 2 threads at load 13, 7 s with one).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def naive_bipolar_mm(
+    x_codes: torch.Tensor, w_codes: torch.Tensor, a_bits: int, w_bits: int
+) -> torch.Tensor:
+    """The definition, independent of identity B: int64 sum_k X[m, k] * W[n, k]."""
+    x = x_codes.cpu().to(torch.int64) * 2 - (2**a_bits - 1)
+    w = w_codes.cpu().to(torch.int64) * 2 - (2**w_bits - 1)
+    return (x[:, None, :] * w[None, :, :]).sum(-1)
+
+
+@pytest.fixture
+def oracle_mm() -> Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]:
+    return naive_bipolar_mm
+
+
+def random_codes(rows: int, k: int, bits: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, 2**bits, (rows, k), dtype=torch.uint8, generator=generator)
+
+
+@pytest.fixture
+def make_codes() -> Callable[[int, int, int, torch.Generator], torch.Tensor]:
+    return random_codes
+
+
+@pytest.fixture
+def fp32_error_bound() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Worst-case float32 error of a length-K dot product: K * 2^-24 * sum_k |x_k w_k|.
+
+    The standard bound gamma_K = K u / (1 - K u) (Higham, Accuracy and Stability
+    of Numerical Algorithms, 3.1), plus one rounding each for the scale products
+    and the output; the tests check kernels against a float64 oracle with it.
+    """
+
+    def bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        k = x.shape[-1]
+        unit = 2.0**-24
+        return (k + 4) * unit * (x.abs().double() @ w.abs().double().t())
+
+    return bound

@@ -1,0 +1,102 @@
+"""The exact torch reference: bipolar_mm_int against the definition, every width pair."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import pytest
+import torch
+from bitscale.kernels import Backend, bipolar_mm_int
+from bitscale.kernels.reference import bipolar_mm_int_reference
+
+WIDTH_PAIRS = list(itertools.product(range(1, 9), repeat=2))
+
+
+@pytest.mark.parametrize(("a_bits", "w_bits"), WIDTH_PAIRS, ids=lambda b: str(b))
+def test_reference_equals_definition_every_width(
+    a_bits: int, w_bits: int, oracle_mm: Callable, make_codes: Callable
+) -> None:
+    generator = torch.Generator().manual_seed(100 * a_bits + w_bits)
+    # Odd shapes: K = 131 is not a multiple of 8, 32 or any block size.
+    x_codes = make_codes(7, 131, a_bits, generator)
+    w_codes = make_codes(5, 131, w_bits, generator)
+    out = bipolar_mm_int(x_codes, w_codes, a_bits=a_bits, w_bits=w_bits, backend="reference")
+    assert out.dtype == torch.int64
+    assert torch.equal(out, oracle_mm(x_codes, w_codes, a_bits, w_bits))
+
+
+@pytest.mark.parametrize(("a_bits", "w_bits"), [(8, 8), (8, 1), (3, 5)])
+def test_reference_exact_across_fp32_chunks(
+    a_bits: int, w_bits: int, oracle_mm: Callable, make_codes: Callable
+) -> None:
+    # K = 2500 spans three float32 chunks at W8A8 (chunks of 1024 keep sums < 2^24).
+    generator = torch.Generator().manual_seed(7)
+    x_codes = make_codes(3, 2500, a_bits, generator)
+    w_codes = make_codes(4, 2500, w_bits, generator)
+    expected = oracle_mm(x_codes, w_codes, a_bits, w_bits)
+    assert torch.equal(
+        bipolar_mm_int_reference(x_codes, w_codes, a_bits=a_bits, w_bits=w_bits), expected
+    )
+
+
+def test_reference_extremes_do_not_overflow() -> None:
+    # All codes at the top level: every product is 255 * 255, the sum 65025 * K,
+    # past int32 for K = 40000 (> 2^31 / 65025 ~ 33026).
+    k = 40_000
+    top = torch.full((2, k), 255, dtype=torch.uint8)
+    bottom = torch.zeros((3, k), dtype=torch.uint8)
+    out = bipolar_mm_int_reference(top, torch.cat([top[:1], bottom[:1]]), a_bits=8, w_bits=8)
+    assert out.tolist() == [[65025 * k, -65025 * k]] * 2
+    assert bipolar_mm_int_reference(bottom, bottom, a_bits=8, w_bits=8).unique().tolist() == [
+        65025 * k
+    ]
+
+
+def test_reference_exact_with_reduced_float32_precision(
+    oracle_mm: Callable, make_codes: Callable
+) -> None:
+    # With TF32/bf16 matmul allowed, float32 would round: the reference must use float64.
+    generator = torch.Generator().manual_seed(3)
+    x_codes = make_codes(4, 3000, 8, generator)
+    w_codes = make_codes(6, 3000, 8, generator)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        out = bipolar_mm_int_reference(x_codes, w_codes, a_bits=8, w_bits=8)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert torch.equal(out, oracle_mm(x_codes, w_codes, 8, 8))
+
+
+def test_empty_shapes() -> None:
+    x_codes = torch.zeros((0, 5), dtype=torch.uint8)
+    w_codes = torch.ones((3, 5), dtype=torch.uint8)
+    assert bipolar_mm_int(x_codes, w_codes, a_bits=1, w_bits=1, backend="reference").shape == (0, 3)
+    empty_k = bipolar_mm_int(
+        torch.zeros((2, 0), dtype=torch.uint8),
+        torch.zeros((3, 0), dtype=torch.uint8),
+        a_bits=2,
+        w_bits=2,
+        backend=Backend.REFERENCE,
+    )
+    assert torch.equal(empty_k, torch.zeros((2, 3), dtype=torch.int64))
+
+
+def test_mm_validation() -> None:
+    x_codes = torch.zeros((2, 8), dtype=torch.uint8)
+    w_codes = torch.zeros((3, 8), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="K mismatch"):
+        bipolar_mm_int(x_codes, w_codes[:, :7], a_bits=2, w_bits=2)
+    with pytest.raises(TypeError, match="x_codes must be a uint8"):
+        bipolar_mm_int(x_codes.to(torch.int8), w_codes, a_bits=2, w_bits=2)
+    with pytest.raises(ValueError, match="w_codes must be 2-d"):
+        bipolar_mm_int(x_codes, w_codes[0], a_bits=2, w_bits=2)
+    with pytest.raises(ValueError, match="not 2-bit codes"):
+        bipolar_mm_int(x_codes, w_codes + 4, a_bits=2, w_bits=2)
+    with pytest.raises(ValueError, match=r"a_bits must be an int in 1\.\.8"):
+        bipolar_mm_int(x_codes, w_codes, a_bits=16, w_bits=2)
+    with pytest.raises(ValueError, match=r"w_bits must be an int in 1\.\.8"):
+        bipolar_mm_int(x_codes, w_codes, a_bits=2, w_bits=0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        bipolar_mm_int(x_codes, w_codes, a_bits=2, w_bits=2, backend="cuda")

@@ -1,0 +1,299 @@
+"""Triton kernels against the exact oracle.
+
+Without CUDA they run in the Triton interpreter (a conftest fixture sets
+TRITON_INTERPRET=1 for every kernels test), on small odd shapes and a sample of width pairs; every
+pair is covered by the torch reference tests and by the ``gpu`` tests below,
+which compile the kernels on a CUDA device.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import pytest
+import torch
+from bitscale.kernels import (
+    Backend,
+    bipolar_linear,
+    bipolar_mm_int,
+    dequantize,
+    pack_bitplanes,
+    quantize,
+)
+from bitscale.kernels.reference import bipolar_mm_int_reference, centred_codes, pack_weight
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Corners (1 and 8 bits on either side) plus mixed odd widths.
+SAMPLED_PAIRS = [(1, 1), (8, 8), (1, 8), (8, 1), (3, 5), (5, 3), (2, 7), (4, 4), (6, 2), (7, 6)]
+# M = 17 and N = 19 cross a 16-wide tile; K = 77 is no multiple of 8 or of BLOCK_K.
+ODD_SHAPES = [(5, 19, 77), (17, 3, 40)]
+
+
+def _codes(rows: int, k: int, bits: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2**bits, (rows, k), dtype=torch.uint8, generator=generator)
+
+
+@pytest.mark.parametrize(("a_bits", "w_bits"), SAMPLED_PAIRS, ids=str)
+@pytest.mark.parametrize(("m", "n", "k"), ODD_SHAPES, ids=str)
+def test_triton_mm_int_is_exact(
+    a_bits: int, w_bits: int, m: int, n: int, k: int, oracle_mm: Callable
+) -> None:
+    x_codes = _codes(m, k, a_bits, seed=a_bits * 10 + w_bits)
+    w_codes = _codes(n, k, w_bits, seed=a_bits * 10 + w_bits + 1)
+    out = bipolar_mm_int(
+        x_codes.to(DEVICE), w_codes.to(DEVICE), a_bits=a_bits, w_bits=w_bits, backend="triton"
+    )
+    assert out.dtype == torch.int64
+    assert torch.equal(out.cpu(), oracle_mm(x_codes, w_codes, a_bits, w_bits))
+
+
+@pytest.mark.parametrize(("a_bits", "w_bits"), [(1, 1), (2, 3), (1, 8)], ids=str)
+def test_triton_bitplane_mm_int_is_exact(a_bits: int, w_bits: int, oracle_mm: Callable) -> None:
+    x_codes = _codes(5, 77, a_bits, seed=1)
+    w_codes = _codes(19, 77, w_bits, seed=2)
+    out = bipolar_mm_int(
+        x_codes.to(DEVICE),
+        w_codes.to(DEVICE),
+        a_bits=a_bits,
+        w_bits=w_bits,
+        backend=Backend.TRITON_BITPLANE,
+    )
+    assert torch.equal(out.cpu(), oracle_mm(x_codes, w_codes, a_bits, w_bits))
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    a_bits=st.integers(1, 8),
+    w_bits=st.integers(1, 8),
+    m=st.integers(1, 20),
+    n=st.integers(1, 20),
+    k=st.integers(1, 70),
+    seed=st.integers(0, 2**16),
+)
+def test_triton_mm_int_random_shapes(
+    a_bits: int, w_bits: int, m: int, n: int, k: int, seed: int
+) -> None:
+    x_codes = _codes(m, k, a_bits, seed=seed)
+    w_codes = _codes(n, k, w_bits, seed=seed + 1)
+    out = bipolar_mm_int(
+        x_codes.to(DEVICE), w_codes.to(DEVICE), a_bits=a_bits, w_bits=w_bits, backend="triton"
+    )
+    assert torch.equal(out.cpu(), naive_bipolar_mm(x_codes, w_codes, a_bits, w_bits))
+
+
+def naive_bipolar_mm(
+    x_codes: torch.Tensor, w_codes: torch.Tensor, a_bits: int, w_bits: int
+) -> torch.Tensor:
+    x = x_codes.to(torch.int64) * 2 - (2**a_bits - 1)
+    w = w_codes.to(torch.int64) * 2 - (2**w_bits - 1)
+    return (x[:, None, :] * w[None, :, :]).sum(-1)
+
+
+def test_int64_tile_accumulator_is_exact(oracle_mm: Callable) -> None:
+    # The int64 path (used past G * 2^(a+w-2) >= 2^31) forced on a small shape.
+    from bitscale.kernels.triton_gemm import bipolar_gemm
+
+    x_codes, w_codes = _codes(5, 70, 8, seed=3), _codes(6, 70, 8, seed=4)
+    x_centred = centred_codes(x_codes, 8)
+    w_centred = centred_codes(w_codes, 8)
+    out = bipolar_gemm(
+        x_centred.to(DEVICE),
+        x_centred.sum(1, dtype=torch.int32)[:, None].to(DEVICE),
+        pack_bitplanes(w_codes, 8).to(DEVICE),
+        w_centred.sum(1, dtype=torch.int32)[:, None].to(DEVICE),
+        a_bits=8,
+        w_bits=8,
+        k=70,
+        group_k=70,
+        accumulate_int64=True,
+    )
+    assert torch.equal(out.cpu(), oracle_mm(x_codes, w_codes, 8, 8))
+
+
+@pytest.mark.parametrize(("a_bits", "group_k"), [(8, 48), (3, 16), (1, 96)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_activation_quantizer_matches_quantize(
+    a_bits: int, group_k: int, dtype: torch.dtype
+) -> None:
+    from bitscale.kernels.triton_gemm import quantize_activations
+
+    x = torch.randn(6, 96, generator=torch.Generator().manual_seed(a_bits)).to(dtype)
+    x[2] = 0  # an all-zero token: scale 0, level +1, dequantizes to 0
+    codes, rowsums, scales = quantize_activations(x.to(DEVICE), a_bits=a_bits, group_k=group_k)
+    q = quantize(x, a_bits, group_size=group_k, method="absmax")
+    expected_codes = centred_codes(q.codes, a_bits)
+    assert torch.equal(codes.cpu(), expected_codes)
+    assert torch.equal(scales.cpu(), q.scales)
+    expected_rowsums = expected_codes.view(6, -1, group_k).sum(-1, dtype=torch.int32)
+    assert torch.equal(rowsums.cpu(), expected_rowsums)
+
+
+def _oracle_linear(
+    x: torch.Tensor, w_dequantized: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    out = x.double() @ w_dequantized.double().t()
+    return out if bias is None else out + bias.double()
+
+
+@pytest.mark.parametrize("group_size", [None, 32])
+@pytest.mark.parametrize(
+    ("dtype", "output_unit"),
+    [(torch.float32, 0.0), (torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-11)],
+    ids=["fp32", "bf16", "fp16"],
+)
+@pytest.mark.parametrize("w_bits", [1, 4, 7])
+def test_triton_a16_linear_within_float32_rounding(
+    group_size: int | None,
+    dtype: torch.dtype,
+    output_unit: float,
+    w_bits: int,
+    fp32_error_bound: Callable,
+) -> None:
+    generator = torch.Generator().manual_seed(w_bits)
+    x = torch.randn(3, 7, 96, generator=generator).to(dtype)
+    w = quantize(torch.randn(33, 96, generator=generator), w_bits, group_size=group_size)
+    bias = torch.randn(33, generator=generator)
+    out = bipolar_linear(x.to(DEVICE), w.to(DEVICE), bias=bias.to(DEVICE), backend="triton")
+    assert out.dtype == dtype and out.shape == (3, 7, 33)
+    w_dequantized = dequantize(w)
+    expected = _oracle_linear(x.float().view(21, 96), w_dequantized, bias)
+    bound = fp32_error_bound(x.float().view(21, 96), w_dequantized) + expected.abs() * output_unit
+    error = (out.cpu().view(21, 33).double() - expected).abs()
+    assert (error <= bound).all(), (error - bound).max()
+
+
+@pytest.mark.parametrize(("a_bits", "w_bits"), [(8, 4), (3, 2), (1, 1), (5, 8)], ids=str)
+@pytest.mark.parametrize("group_size", [None, 24])
+@pytest.mark.parametrize("method", ["absmax", "mse"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_quantized_activation_linear(
+    a_bits: int,
+    w_bits: int,
+    group_size: int | None,
+    method: str,
+    dtype: torch.dtype,
+    fp32_error_bound: Callable,
+) -> None:
+    generator = torch.Generator().manual_seed(a_bits * 10 + w_bits)
+    x = torch.randn(17, 72, generator=generator).to(dtype)
+    w = quantize(torch.randn(19, 72, generator=generator), w_bits, group_size=group_size)
+    bias = torch.randn(19, generator=generator)
+    out = bipolar_linear(
+        x.to(DEVICE),
+        w.to(DEVICE),
+        a_bits=a_bits,
+        bias=bias.to(DEVICE),
+        activation_method=method,
+        backend="triton",
+    )
+    assert out.dtype == dtype
+    x_dequantized = dequantize(quantize(x, a_bits, group_size=group_size, method=method))
+    w_dequantized = dequantize(w)
+    expected = _oracle_linear(x_dequantized, w_dequantized, bias)
+    output_unit = 2.0**-8 if dtype == torch.bfloat16 else 0.0
+    bound = fp32_error_bound(x_dequantized, w_dequantized) + expected.abs() * output_unit
+    error = (out.cpu().double() - expected).abs()
+    assert (error <= bound).all(), (error - bound).max()
+
+
+def test_launcher_validation() -> None:
+    from bitscale.kernels.triton_gemm import bipolar_gemm, quantize_activations
+
+    x_codes = _codes(4, 64, 4, seed=5)
+    w = quantize(torch.randn(8, 64), 4)
+    packed = pack_weight(w)
+    x_centred = centred_codes(x_codes, 4)
+    rowsums = x_centred.sum(1, dtype=torch.int32)[:, None]
+    args = (x_centred, rowsums, packed.planes, packed.centred_rowsums)
+    with pytest.raises(ValueError, match=r"x_centred must be torch\.int8"):
+        bipolar_gemm(x_codes, *args[1:], a_bits=4, w_bits=4, k=64, group_k=64)
+    with pytest.raises(ValueError, match="w_planes must have shape"):
+        bipolar_gemm(*args, a_bits=4, w_bits=3, k=64, group_k=64)
+    with pytest.raises(ValueError, match="divide K=64"):
+        bipolar_gemm(*args, a_bits=4, w_bits=4, k=64, group_k=48)
+    with pytest.raises(ValueError, match="both x_scales and w_scales"):
+        bipolar_gemm(*args, a_bits=4, w_bits=4, k=64, group_k=64, x_scales=torch.ones(4, 1))
+    with pytest.raises(ValueError, match="contiguous"):
+        bipolar_gemm(
+            x_centred.t().contiguous().t(), *args[1:], a_bits=4, w_bits=4, k=64, group_k=64
+        )
+    with pytest.raises(ValueError, match="unit stride"):
+        quantize_activations(torch.randn(64, 4).t(), a_bits=4, group_k=64)
+
+
+def test_triton_empty_batch() -> None:
+    w = quantize(torch.randn(5, 32), 2)
+    for a_bits in (16, 4):
+        out = bipolar_linear(torch.randn(0, 32, device=DEVICE), w.to(DEVICE), a_bits=a_bits)
+        assert out.shape == (0, 5)
+
+
+# ---------------------------------------------------------------- compiled, on a GPU
+
+ALL_PAIRS = list(itertools.product(range(1, 9), repeat=2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("a_bits", "w_bits"), ALL_PAIRS, ids=str)
+def test_gpu_mm_int_every_width(a_bits: int, w_bits: int) -> None:
+    for m, n, k in ((1, 257, 1000), (33, 130, 4099), (300, 64, 96)):
+        x_codes = _codes(m, k, a_bits, seed=m).cuda()
+        w_codes = _codes(n, k, w_bits, seed=n).cuda()
+        expected = bipolar_mm_int_reference(x_codes, w_codes, a_bits=a_bits, w_bits=w_bits)
+        out = bipolar_mm_int(x_codes, w_codes, a_bits=a_bits, w_bits=w_bits, backend="triton")
+        assert torch.equal(out, expected), (m, n, k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("a_bits", "w_bits"), [(1, 1), (2, 2), (4, 3), (8, 8)], ids=str)
+def test_gpu_bitplane_mm_int(a_bits: int, w_bits: int) -> None:
+    x_codes = _codes(65, 1000, a_bits, seed=1).cuda()
+    w_codes = _codes(129, 1000, w_bits, seed=2).cuda()
+    expected = bipolar_mm_int_reference(x_codes, w_codes, a_bits=a_bits, w_bits=w_bits)
+    out = bipolar_mm_int(
+        x_codes, w_codes, a_bits=a_bits, w_bits=w_bits, backend=Backend.TRITON_BITPLANE
+    )
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.gpu
+def test_gpu_w8a8_long_k_does_not_overflow() -> None:
+    # 65025 * K passes int32 at K ~ 33k; 140000 also passes the int32 tile limit (131072).
+    for k in (40_000, 140_000):
+        x_codes = torch.full((16, k), 255, dtype=torch.uint8, device="cuda")
+        w_codes = torch.zeros((32, k), dtype=torch.uint8, device="cuda")
+        w_codes[::2] = 255
+        out = bipolar_mm_int(x_codes, w_codes, a_bits=8, w_bits=8, backend="triton")
+        expected = torch.tensor([65025 * k, -65025 * k], device="cuda").repeat(16, 16)
+        assert torch.equal(out, expected), k
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("a_bits", [16, 8, 4, 2])
+@pytest.mark.parametrize("group_size", [None, 128])
+def test_gpu_linear(
+    dtype: torch.dtype, a_bits: int, group_size: int | None, fp32_error_bound: Callable
+) -> None:
+    generator = torch.Generator().manual_seed(a_bits)
+    x = torch.randn(77, 1024, generator=generator).to(dtype)
+    w = quantize(torch.randn(384, 1024, generator=generator), 4, group_size=group_size)
+    out = bipolar_linear(x.cuda(), w.to("cuda"), a_bits=a_bits, backend="triton")
+    x_dequantized = x.float()
+    if a_bits != 16:
+        x_dequantized = dequantize(
+            quantize(x_dequantized, a_bits, group_size=group_size, method="absmax")
+        )
+    output_unit = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+    w_dequantized = dequantize(w)
+    expected = _oracle_linear(x_dequantized, w_dequantized, None)
+    bound = fp32_error_bound(x_dequantized, w_dequantized) + expected.abs() * output_unit[dtype]
+    error = (out.cpu().double() - expected).abs()
+    assert (error <= bound).all(), (error - bound).max()
