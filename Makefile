@@ -6,7 +6,8 @@ STAMP := $(VENV)/.bitscale-installed
 .PHONY: demo test lint bench clean-venv
 
 demo: $(STAMP)
-	$(VENV)/bin/bitscale env
+	rm -rf runs/demo
+	$(VENV)/bin/bitscale train --nproc 2 --model tiny --steps 30 --schedule both --ckpt-dir runs/demo/ckpt --ckpt-every 10 --metrics runs/demo/metrics.json --plot runs/demo/train.png
 
 test: $(STAMP)
 	$(VENV)/bin/pytest

@@ -1,0 +1,985 @@
+"""Train a small GPT on mixed long/short documents with hybrid data parallelism, lazy
+universal checkpoints and optional bipolar-INT quantization-aware training.
+
+Run it on N local processes with ``bitscale train --nproc N`` (it starts them through
+torch's own elastic launcher), or under your own launcher::
+
+    torchrun --nproc-per-node 4 -m bitscale.train --model tiny --steps 100
+
+Each step: the global batch (documents of the standard library's own source, or --data)
+-> a plan (``bitscale.hdp.plan_batch``, or the static DP x CP mesh with --schedule static)
+-> this rank's work items -> one gradient sync -> optimizer step. With --ckpt-dir a lazy
+checkpoint is taken every --ckpt-every steps; --resume continues from the newest committed
+one, on any number of processes. Ctrl-C / SIGTERM stop after the current step, commit or
+discard the pending checkpoint, and say which step is safe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from bitscale.model import GPT
+
+__all__ = [
+    "DEMO_ARGS",
+    "Precision",
+    "RunSummary",
+    "Schedule",
+    "StepRecord",
+    "TrainConfig",
+    "add_arguments",
+    "launch",
+    "main",
+    "parse_quant",
+    "train",
+]
+
+DEMO_ARGS: tuple[str, ...] = (
+    "--nproc", "2",
+    "--model", "tiny",
+    "--steps", "30",
+    "--schedule", "both",
+    "--ckpt-dir", "runs/demo/ckpt",
+    "--ckpt-every", "10",
+    "--metrics", "runs/demo/metrics.json",
+    "--plot", "runs/demo/train.png",
+)  # fmt: skip
+"""The README's main job (``make demo``): ``bitscale train`` followed by these arguments.
+tests/e2e runs exactly this command with fewer steps, so it cannot rot."""
+
+
+class Schedule(StrEnum):
+    HDP = "hdp"
+    """bitscale.hdp.plan_batch: each document on the fewest ranks it needs, balanced."""
+    STATIC = "static"
+    """bitscale.hdp.plan_static_mesh: a fixed DP x CP mesh sized for the longest document."""
+    BOTH = "both"
+    """Train twice from the same initial state, HDP then static, and compare them."""
+
+
+class Precision(StrEnum):
+    FLOAT32 = "float32"
+    FLOAT64 = "float64"
+    """For exactness checks: any two schedules or process counts then agree to round-off
+    (tests/e2e holds their losses to 1e-10 relative)."""
+
+
+_QUANT_SPEC = re.compile(r"^w([1-8])(?:a([1-8]|16))?$")
+
+
+def parse_quant(spec: str) -> tuple[int, int]:
+    """``"w4a8"`` -> ``(4, 8)``; ``"w2"`` means 16-bit activations (weight-only)."""
+    match = _QUANT_SPEC.match(spec.strip().lower())
+    if match is None:
+        raise ValueError(
+            f"--quant {spec!r} is not a bipolar-INT spec; write wN or wNaM with weight bits N "
+            "in 1..8 and activation bits M in 1..8 or 16, e.g. w4a8 or w2"
+        )
+    return int(match.group(1)), int(match.group(2) or 16)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything one training run depends on; the CLI flags map one to one."""
+
+    model: str = "tiny"
+    """Preset of bitscale.model.PRESETS."""
+    steps: int = 30
+    """Optimizer steps to reach (a resumed run counts from step 0 too)."""
+    docs_per_step: int = 16
+    """Documents in one global batch."""
+    max_len: int = 512
+    """Longest sequence in tokens; longer documents contribute a seeded window."""
+    capacity: int | None = None
+    """Token slots one rank holds in one micro-batch; default ceil(max_len / min(nproc, 2)),
+    so documents longer than half of max_len are spread over several ranks."""
+    lr: float = 3e-3
+    warmup_steps: int = 5
+    weight_decay: float = 0.01
+    seed: int = 0
+    data: str | None = None
+    """None: the standard library's .py files; a folder of text files; a length file."""
+    schedule: Schedule = Schedule.HDP
+    precision: Precision = Precision.FLOAT32
+    quant: str | None = None
+    """Bipolar-INT QAT for the block projections, e.g. "w4a8"; None trains in float."""
+    quant_scope: str = "all"
+    """Which projections --quant swaps: "mlp", "attn" or "all"."""
+    ckpt_dir: str | None = None
+    ckpt_every: int = 10
+    keep: int = 3
+    resume: bool = False
+    metrics: str | None = None
+    plot: str | None = None
+    progress: bool = True
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "docs_per_step", "ckpt_every", "keep"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
+        if self.max_len < 2:
+            raise ValueError(f"--max-len must be >= 2 (an input and a target), got {self.max_len}")
+        if self.capacity is not None and self.capacity < 2:
+            raise ValueError(f"--capacity must be >= 2 token slots, got {self.capacity}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.quant is not None:
+            parse_quant(self.quant)
+        if self.quant_scope not in ("mlp", "attn", "all"):
+            raise ValueError(f"--quant-scope must be mlp, attn or all, got {self.quant_scope!r}")
+        if self.resume and self.ckpt_dir is None:
+            raise ValueError("--resume needs --ckpt-dir (the folder holding the checkpoints)")
+        object.__setattr__(self, "schedule", Schedule(self.schedule))
+        object.__setattr__(self, "precision", Precision(self.precision))
+
+    def capacity_for(self, world_size: int) -> int:
+        if self.capacity is not None:
+            capacity = self.capacity
+        else:
+            capacity = math.ceil(self.max_len / min(world_size, 2))
+            capacity += capacity % 2  # zigzag shards hold whole chunk pairs
+        # A sequence of L tokens on d ranks takes 2 * ceil(L / (2d)) slots per rank.
+        if 2 * math.ceil(self.max_len / (2 * world_size)) > capacity:
+            raise ValueError(
+                f"--max-len {self.max_len} does not fit on {world_size} process(es) of "
+                f"--capacity {capacity} token slots; raise --capacity to at least "
+                f"{2 * math.ceil(self.max_len / (2 * world_size))}, lower --max-len, or use "
+                "more processes"
+            )
+        return capacity
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        values = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}")
+        return cls(**values)
+
+
+# --------------------------------------------------------------------------------------------
+# per-step records and their summary (pure)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepRecord:
+    """What one optimizer step did, as written to --metrics."""
+
+    step: int
+    """1-based: the number of optimizer steps taken after this one."""
+    loss: float
+    """Mean cross-entropy over the global batch's loss tokens (nats per byte)."""
+    tokens: int
+    loss_tokens: int
+    time_s: float
+    tokens_per_s: float
+    busy_s: list[float]
+    """Per rank: seconds spent running its own work items (forward + backward)."""
+    balance: float
+    """max(busy_s) / mean(busy_s)."""
+    planned_balance: float
+    """The planner's estimate of the same ratio (waits for ring partners included)."""
+    ring_bytes: int
+    """K/V and dK/dV bytes sent around attention rings, counted as sent, summed over ranks."""
+    planned_ring_bytes: int
+    """The planner's count of the same bytes."""
+    ckpt_stall_s: float
+    """Seconds rank 0's training was blocked by checkpointing during this step."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSummary:
+    schedule: str
+    world_size: int
+    first_step: int
+    last_step: int
+    final_loss: float | None
+    tokens_per_s: float
+    mean_balance: float
+    ring_bytes: int
+    saves: int
+    mean_stall_per_save_s: float
+    wall_s: float
+    safe_step: int | None
+    """Newest committed checkpoint step when the run ended (None without --ckpt-dir)."""
+    interrupted: bool
+
+
+def summarize(
+    records: Sequence[StepRecord],
+    *,
+    schedule: str,
+    world_size: int,
+    first_step: int,
+    saves: int,
+    wall_s: float,
+    safe_step: int | None,
+    interrupted: bool,
+) -> RunSummary:
+    """Totals of a run's steps. Throughput is tokens over step time summed, so start-up and
+    the final checkpoint flush do not count, and leaves out the first step when there are
+    more (it pays one-time costs: allocator warm-up, first ring connections)."""
+    timed = records[1:] if len(records) > 1 else records
+    step_time = sum(r.time_s for r in timed)
+    stall = sum(r.ckpt_stall_s for r in records)
+    return RunSummary(
+        schedule=schedule,
+        world_size=world_size,
+        first_step=first_step,
+        last_step=records[-1].step if records else first_step,
+        final_loss=records[-1].loss if records else None,
+        tokens_per_s=sum(r.tokens for r in timed) / step_time if step_time > 0 else 0.0,
+        mean_balance=sum(r.balance for r in records) / len(records) if records else 1.0,
+        ring_bytes=sum(r.ring_bytes for r in records),
+        saves=saves,
+        mean_stall_per_save_s=stall / saves if saves else 0.0,
+        wall_s=wall_s,
+        safe_step=safe_step,
+        interrupted=interrupted,
+    )
+
+
+METRICS_VERSION = 1
+
+
+def metrics_document(
+    config: TrainConfig, runs: dict[str, tuple[RunSummary, Sequence[StepRecord]]]
+) -> dict[str, Any]:
+    """The --metrics JSON: config, and per schedule the summary and every step."""
+    return {
+        "version": METRICS_VERSION,
+        "config": json.loads(config.to_json()),
+        "runs": {
+            name: {"summary": asdict(summary), "steps": [asdict(r) for r in records]}
+            for name, (summary, records) in runs.items()
+        },
+    }
+
+
+def write_json_atomic(path: str | os.PathLike[str], document: dict[str, Any]) -> None:
+    """Write through a temporary file and rename, so a reader never sees half a file."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    with open(temporary, "w", encoding="utf-8") as f:
+        json.dump(document, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, target)
+
+
+def plot_runs(document: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Loss per step and per-rank busy time per step, one line per schedule (HDP vs static
+    when both ran), written as an image (the suffix picks the format)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = document["runs"]
+    fig, (ax_loss, ax_busy) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for name, run in runs.items():
+        steps = [r["step"] for r in run["steps"]]
+        line = ax_loss.plot(steps, [r["loss"] for r in run["steps"]], label=name)[0]
+        world = len(run["steps"][0]["busy_s"]) if run["steps"] else 0
+        for rank in range(world):
+            ax_busy.plot(
+                steps,
+                [1e3 * r["busy_s"][rank] for r in run["steps"]],
+                color=line.get_color(),
+                alpha=0.35 + 0.65 * (rank + 1) / world,
+                linestyle="-" if rank % 2 == 0 else "--",
+                label=f"{name} rank {rank}",
+            )
+    ax_loss.set(xlabel="step", ylabel="loss (nats/byte)", title="training loss")
+    ax_busy.set(xlabel="step", ylabel="busy time (ms)", title="per-rank busy time")
+    ax_loss.legend()
+    ax_busy.legend(fontsize="small", ncol=2)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(target, dpi=120)
+    plt.close(fig)
+
+
+def print_summary(summaries: Sequence[RunSummary]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="bitscale train")
+    table.add_column("")
+    for summary in summaries:
+        table.add_column(f"{summary.schedule} ({summary.world_size} proc)", justify="right")
+    rows: list[tuple[str, Any]] = [
+        ("steps", lambda s: f"{s.first_step + 1}..{s.last_step}"),
+        ("final loss", lambda s: "-" if s.final_loss is None else f"{s.final_loss:.4f}"),
+        ("tokens/s", lambda s: f"{s.tokens_per_s:,.0f}"),
+        ("balance max/mean", lambda s: f"{s.mean_balance:.3f}"),
+        ("ring MB", lambda s: f"{s.ring_bytes / 1e6:.2f}"),
+        ("checkpoints", lambda s: str(s.saves)),
+        ("stall per save ms", lambda s: f"{1e3 * s.mean_stall_per_save_s:.1f}"),
+        ("wall s", lambda s: f"{s.wall_s:.1f}"),
+        ("safe step", lambda s: "-" if s.safe_step is None else str(s.safe_step)),
+    ]
+    for label, cell in rows:
+        table.add_row(label, *(cell(s) for s in summaries))
+    Console(stderr=False).print(table)
+
+
+# --------------------------------------------------------------------------------------------
+# processes and signals
+
+
+class _StopRequest:
+    """Ctrl-C / SIGTERM: the first one asks to stop after the current step (every rank agrees
+    on the step through one tiny all-reduce), a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal_name is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+        self.signal_name = signal.Signals(signum).name
+
+
+def _init_process_group() -> bool:
+    """Join the torchrun / --nproc process group (gloo on CPU, NCCL on GPU), or make a group
+    of one when started alone; False when the caller had already initialized one."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    if "WORLD_SIZE" not in os.environ:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        return True
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+        # Processes share the cores; more intra-op threads than cores only oversubscribe.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    dist.init_process_group(backend)
+    return True
+
+
+def _device() -> torch.device:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# one training run in this process
+
+
+def cost_model_for(model_config: Any, precision: Precision) -> Any:
+    """The planner's cost model for our GPT on this machine.
+
+    Compute is in FLOPs over an assumed 2e10 FLOP/s (a few CPU cores; only ratios matter for
+    balancing): linear work 6 FLOPs per parameter per token, causal attention 3.5 x 2 x dim
+    FLOPs per token pair per layer (backward ~2.5x forward), and an assumed 3 ms of fixed
+    Python overhead per forward/backward call. Ring bytes are exact for the dtype the ring
+    carries (float32, or float64 in float64 mode), so measured ring traffic must equal the
+    plan's.
+    """
+    from bitscale.hdp.cost import CostModel
+
+    flops = 2e10
+    c = model_config
+    linear_params = (
+        c.num_layers
+        * (
+            c.dim * (c.dim + 2 * c.num_kv_heads * c.head_dim)
+            + c.dim * c.dim
+            + 3 * c.dim * c.ffn_dim
+        )
+        + c.dim * c.vocab_size
+    )
+    return CostModel(
+        alpha=3.5 * 2 * c.num_layers * c.dim / flops,
+        beta=6 * linear_params / flops,
+        gamma=3e-3,
+        num_layers=c.num_layers,
+        kv_heads=c.num_kv_heads,
+        head_dim=c.head_dim,
+        element_size=8 if precision is Precision.FLOAT64 else 4,
+        # One host: every rank is on the same node and the ring crosses shared memory.
+        node_size=1 << 20,
+    )
+
+
+def build_model(config: TrainConfig, device: torch.device) -> GPT:
+    """The model every rank starts from: same seed, same weights, optional QAT layers."""
+    import torch
+
+    from bitscale.model import GPT, QuantScope, preset, quant_filter
+
+    torch.manual_seed(config.seed)
+    model = GPT(preset(config.model))
+    if config.precision is Precision.FLOAT64:
+        model = model.double()
+    if config.quant is not None:
+        from bitscale.kernels import quantize_model
+
+        w_bits, a_bits = parse_quant(config.quant)
+        model = quantize_model(
+            model, w_bits=w_bits, a_bits=a_bits, filter=quant_filter(QuantScope(config.quant_scope))
+        )
+    return model.to(device)
+
+
+# Settings that decide which model is trained on which data: a resumed run must match them.
+_IDENTITY_FIELDS = (
+    "model",
+    "docs_per_step",
+    "max_len",
+    "seed",
+    "data",
+    "precision",
+    "quant",
+    "quant_scope",
+)
+
+
+def _check_fresh_ckpt_dir(ckpt_dir: str, resume: bool) -> None:
+    """A new run must not write into another run's checkpoints: after a crash, --resume
+    would pick whichever step is newest, possibly the other run's."""
+    from bitscale.checkpoint import latest_step
+
+    if not resume and latest_step(ckpt_dir) is not None:
+        raise ValueError(
+            f"--ckpt-dir {ckpt_dir} already holds committed checkpoints (newest: step "
+            f"{latest_step(ckpt_dir)}); pass --resume to continue that run, or choose "
+            "another --ckpt-dir (or delete that one) to start a new run"
+        )
+
+
+def _run_identity(config: TrainConfig) -> dict[str, Any]:
+    return {name: json.loads(json.dumps(getattr(config, name))) for name in _IDENTITY_FIELDS}
+
+
+def _check_same_run(saved: dict[str, Any], current: dict[str, Any], ckpt_dir: str) -> None:
+    changed = [
+        f"--{name.replace('_', '-')} {saved.get(name)!r} -> {current[name]!r}"
+        for name in _IDENTITY_FIELDS
+        if saved.get(name) != current[name]
+    ]
+    if changed:
+        raise ValueError(
+            f"--resume: the checkpoint in {ckpt_dir} was trained with different settings "
+            f"({'; '.join(changed)}); resume with the original flags or use a new --ckpt-dir"
+        )
+
+
+def _lr_lambda(warmup_steps: int) -> Any:
+    def factor(step: int) -> float:
+        return min(1.0, (step + 1) / (warmup_steps + 1))
+
+    return factor
+
+
+class _Timer:
+    """Optimizer pre-step hooks registered around the checkpointer's own: the time between
+    them is exactly how long the checkpointer blocked the step."""
+
+    def __init__(self) -> None:
+        self.stall_s = 0.0
+        self._start = 0.0
+
+    def before(self, *_: Any) -> None:
+        self._start = time.perf_counter()
+
+    def after(self, *_: Any) -> None:
+        self.stall_s += time.perf_counter() - self._start
+
+    def take(self) -> float:
+        stall, self.stall_s = self.stall_s, 0.0
+        return stall
+
+
+class _LazyBatch(Sequence["torch.Tensor"]):
+    """The global batch as the runner sees it: a document's bytes are read only when this
+    rank's items touch it, so no rank reads the whole batch."""
+
+    def __init__(self, corpus: Any, windows: list[tuple[int, int, int]]) -> None:
+        self._corpus = corpus
+        self._windows = windows
+
+    def __len__(self) -> int:
+        return len(self._windows)
+
+    def __getitem__(self, index: Any) -> Any:
+        import torch
+
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return torch.from_numpy(self._corpus.tokens(*self._windows[index]))
+
+
+def _plan(schedule: Schedule, lengths: list[int], world: int, capacity: int, cost: Any) -> Any:
+    from bitscale.hdp.plan import plan_batch, plan_static_mesh
+
+    if schedule is Schedule.STATIC:
+        return plan_static_mesh(lengths, world, capacity, cost=cost)
+    return plan_batch(lengths, world, capacity, cost=cost)
+
+
+def _agree_to_stop(stop: _StopRequest, world: int, device: torch.device) -> bool:
+    """True on every rank when any rank was asked to stop."""
+    if world == 1:
+        return stop.signal_name is not None
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if stop.signal_name is not None else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
+def _train_schedule(
+    config: TrainConfig,
+    schedule: Schedule,
+    ckpt_dir: str | None,
+    *,
+    rank: int,
+    world: int,
+    stop: _StopRequest,
+    log: Any,
+) -> tuple[RunSummary, list[StepRecord]]:
+    import torch
+
+    from bitscale.data import BatchSampler, load_corpus
+    from bitscale.hdp import HDPRunner
+
+    run_start = time.perf_counter()
+    device = _device()
+    corpus = load_corpus(config.data, seed=config.seed)
+    sampler = BatchSampler(
+        num_docs=len(corpus),
+        docs_per_step=config.docs_per_step,
+        max_len=config.max_len,
+        seed=config.seed,
+    )
+    capacity = config.capacity_for(world)
+    model = build_model(config, device)
+    cost = cost_model_for(model.config, config.precision)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.warmup_steps))
+    runner = HDPRunner(model)
+    quant = f", bipolar QAT {config.quant} ({config.quant_scope})" if config.quant else ""
+    log(
+        f"[{schedule}] {config.model}: {model.num_parameters():,} parameters, "
+        f"{config.precision}{quant}; {len(corpus):,} documents from {corpus.name}; "
+        f"{world} process(es), capacity {capacity} tokens per rank"
+    )
+    timer = _Timer()
+    optimizer.register_step_pre_hook(timer.before)
+    checkpointer = None
+    start_step = 0
+    state: dict[str, Any] = {
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "trainer": _run_identity(config),
+    }
+    if ckpt_dir is not None:
+        from bitscale.checkpoint import Checkpointer, latest_step
+
+        _check_fresh_ckpt_dir(ckpt_dir, config.resume)
+        checkpointer = Checkpointer(ckpt_dir, keep=config.keep)
+        if config.resume and latest_step(ckpt_dir) is not None:
+            # Training draws no random numbers after initialization (batches are a function
+            # of seed and step, no dropout), so RNG states need no restoring, and a run
+            # resumed on a different process count has no per-rank RNG state to take.
+            start_step = checkpointer.load(state, rng=False)
+            _check_same_run(state["trainer"], _run_identity(config), ckpt_dir)
+            log(f"[{schedule}] resumed from step {start_step} in {ckpt_dir} on {world} process(es)")
+        elif config.resume:
+            log(f"[{schedule}] --resume: no committed checkpoint in {ckpt_dir}; starting at step 0")
+        checkpointer.attach(optimizer)
+    optimizer.register_step_pre_hook(timer.after)
+
+    records: list[StepRecord] = []
+    saves = 0
+    interrupted = False
+    progress = None
+    if rank == 0 and config.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(
+            total=config.steps,
+            initial=start_step,
+            desc=f"train {schedule}",
+            unit="step",
+            dynamic_ncols=True,
+        )
+    try:
+        for step in range(start_step, config.steps):
+            windows = sampler.windows(step, corpus.lengths)
+            lengths = [stop_ - start for _, start, stop_ in windows]
+            plan = _plan(schedule, lengths, world, capacity, cost)
+            step_start = time.perf_counter()
+            outcome = runner.step(_LazyBatch(corpus, windows), plan)
+            optimizer.step()
+            scheduler.step()
+            stall_s = timer.take()
+            if checkpointer is not None and (step + 1) % config.ckpt_every == 0:
+                save_start = time.perf_counter()
+                checkpointer.save(step + 1, state)
+                stall_s += time.perf_counter() - save_start
+                saves += 1
+            step_s = time.perf_counter() - step_start
+            busy = list(outcome.busy_time)
+            mean_busy = sum(busy) / len(busy)
+            records.append(
+                StepRecord(
+                    step=step + 1,
+                    loss=outcome.loss,
+                    tokens=sum(lengths),
+                    loss_tokens=outcome.loss_tokens,
+                    time_s=step_s,
+                    tokens_per_s=sum(lengths) / step_s,
+                    busy_s=busy,
+                    balance=max(busy) / mean_busy if mean_busy > 0 else 1.0,
+                    planned_balance=plan.stats.balance,
+                    ring_bytes=sum(outcome.ring_kv_bytes) + sum(outcome.ring_dkv_bytes),
+                    planned_ring_bytes=plan.stats.ring_bytes,
+                    ckpt_stall_s=stall_s,
+                )
+            )
+            if progress is not None:
+                last = records[-1]
+                progress.set_postfix(
+                    loss=f"{last.loss:.3f}",
+                    tok_s=f"{last.tokens_per_s:,.0f}",
+                    balance=f"{last.balance:.2f}",
+                    stall_ms=f"{1e3 * stall_s:.1f}",
+                    refresh=False,
+                )
+                progress.update(1)
+            if _agree_to_stop(stop, world, device):
+                interrupted = True
+                break
+    finally:
+        if progress is not None:
+            progress.close()
+    safe_step = None
+    if checkpointer is not None:
+        from bitscale.checkpoint import latest_step
+
+        checkpointer.wait()
+        checkpointer.close()
+        safe_step = latest_step(ckpt_dir)
+    summary = summarize(
+        records,
+        schedule=str(schedule),
+        world_size=world,
+        first_step=start_step,
+        saves=saves,
+        wall_s=time.perf_counter() - run_start,
+        safe_step=safe_step,
+        interrupted=interrupted,
+    )
+    return summary, records
+
+
+# --------------------------------------------------------------------------------------------
+# entry points
+
+
+def train(config: TrainConfig) -> dict[str, tuple[RunSummary, list[StepRecord]]]:
+    """Run ``config`` in this process: alone, or as one rank of a torchrun / --nproc job.
+
+    Rank 0 writes --metrics and --plot and prints the summary table. Returns every
+    schedule's summary and step records (the same on every rank except ``busy_s`` timing).
+    """
+    import torch.distributed as dist
+
+    owns_group = _init_process_group()
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    def log(message: str) -> None:
+        if rank == 0:
+            print(message, flush=True)
+
+    stop = _StopRequest()
+    stop.install()
+    runs: dict[str, tuple[RunSummary, list[StepRecord]]] = {}
+    current_ckpt_dir: str | None = None
+    try:
+        for schedule in _schedules(config):
+            current_ckpt_dir = _ckpt_dir_for(config, schedule)
+            runs[str(schedule)] = _train_schedule(
+                config,
+                schedule,
+                current_ckpt_dir,
+                rank=rank,
+                world=world,
+                stop=stop,
+                log=log,
+            )
+            if runs[str(schedule)][0].interrupted:
+                break
+    except KeyboardInterrupt:
+        log(_stop_message(stop.signal_name or "SIGINT", None, _safe_step(current_ckpt_dir), True))
+        raise
+    finally:
+        stop.uninstall()
+        if owns_group:
+            dist.destroy_process_group()
+    if rank == 0:
+        _report(config, runs)
+        last = list(runs.values())[-1][0]
+        if last.interrupted:
+            log(_stop_message(stop.signal_name or "SIGINT", last.last_step, last.safe_step, False))
+    return runs
+
+
+def _ckpt_dir_for(config: TrainConfig, schedule: Schedule) -> str | None:
+    """With --schedule both, each schedule keeps its checkpoints in a subfolder."""
+    if config.ckpt_dir is None or config.schedule is not Schedule.BOTH:
+        return config.ckpt_dir
+    return os.path.join(config.ckpt_dir, str(schedule))
+
+
+def _schedules(config: TrainConfig) -> list[Schedule]:
+    if config.schedule is Schedule.BOTH:
+        return [Schedule.HDP, Schedule.STATIC]
+    return [config.schedule]
+
+
+def _ckpt_dirs(config: TrainConfig) -> list[str]:
+    return [d for s in _schedules(config) if (d := _ckpt_dir_for(config, s)) is not None]
+
+
+def _safe_step(ckpt_dir: str | None) -> int | None:
+    if ckpt_dir is None:
+        return None
+    from bitscale.checkpoint import latest_step
+
+    return latest_step(ckpt_dir)
+
+
+def _stop_message(signal_name: str, step: int | None, safe_step: int | None, forced: bool) -> str:
+    where = "mid-step" if forced else f"after step {step}"
+    if safe_step is None:
+        saved = "no checkpoint is committed (no --ckpt-dir, or none taken yet)"
+    else:
+        saved = f"step {safe_step} is committed and safe: rerun with --resume"
+    if forced:
+        # The checkpointer finishes a save in flight at interpreter exit; a kill before that
+        # leaves only a temporary folder, which the next run removes.
+        saved += "; a save still in flight commits on exit or is discarded, never half-written"
+    else:
+        if safe_step is not None:
+            saved = f"the pending checkpoint was committed; {saved}"
+    return f"stopped by {signal_name} {where}: {saved}"
+
+
+def _report(config: TrainConfig, runs: dict[str, tuple[RunSummary, list[StepRecord]]]) -> None:
+    document = metrics_document(config, runs)
+    if config.metrics is not None:
+        write_json_atomic(config.metrics, document)
+        print(f"metrics: {config.metrics}")
+    if config.plot is not None:
+        plot_runs(document, config.plot)
+        print(f"plot: {config.plot}")
+    print_summary([summary for summary, _ in runs.values()])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="start this many local processes through torch's elastic launcher "
+        "(leave out under torchrun)",
+    )
+    parser.add_argument("--model", default=d.model, help="preset: tiny, small or medium")
+    parser.add_argument("--steps", type=int, default=d.steps, help="optimizer steps to reach")
+    parser.add_argument("--docs-per-step", type=int, default=d.docs_per_step)
+    parser.add_argument("--max-len", type=int, default=d.max_len, help="longest sequence (tokens)")
+    parser.add_argument(
+        "--capacity",
+        type=int,
+        default=None,
+        help="token slots per rank per micro-batch (default: max-len / min(nproc, 2))",
+    )
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="folder of text files, or a file with one document length per line "
+        "(default: the Python standard library's .py files)",
+    )
+    parser.add_argument("--schedule", choices=[s.value for s in Schedule], default=d.schedule.value)
+    parser.add_argument(
+        "--precision", choices=[p.value for p in Precision], default=d.precision.value
+    )
+    parser.add_argument(
+        "--quant", default=None, help="bipolar-INT QAT of the block projections, e.g. w4a8 or w2"
+    )
+    parser.add_argument("--quant-scope", choices=["mlp", "attn", "all"], default=d.quant_scope)
+    parser.add_argument("--ckpt-dir", default=None, help="take lazy checkpoints into this folder")
+    parser.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    parser.add_argument("--keep", type=int, default=d.keep, help="committed checkpoints kept")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest committed checkpoint"
+    )
+    parser.add_argument("--metrics", default=None, help="write per-step metrics to this JSON")
+    parser.add_argument("--plot", default=None, help="write a loss / busy-time plot (png, svg)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        model=args.model,
+        steps=args.steps,
+        docs_per_step=args.docs_per_step,
+        max_len=args.max_len,
+        capacity=args.capacity,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        data=args.data,
+        schedule=Schedule(args.schedule),
+        precision=Precision(args.precision),
+        quant=args.quant,
+        quant_scope=args.quant_scope,
+        ckpt_dir=args.ckpt_dir,
+        ckpt_every=args.ckpt_every,
+        keep=args.keep,
+        resume=args.resume,
+        metrics=args.metrics,
+        plot=args.plot,
+        progress=not args.no_progress,
+    )
+
+
+def launch(config: TrainConfig, nproc: int) -> int:
+    """Run ``config`` on ``nproc`` local processes started by torch's elastic launcher (what
+    ``torchrun --standalone`` uses); returns the exit status."""
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    launch_config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        run_id=str(uuid.uuid4()),
+        max_restarts=0,
+        monitor_interval=0.1,
+    )
+    worker = (sys.executable, "-m", "bitscale.train", "--worker-config", config.to_json())
+    try:
+        elastic_launch(launch_config, worker[0])(*worker[1:])
+    except SignalException as error:
+        print(f"bitscale train: stopped by {error.sigval.name}", file=sys.stderr)
+        return 130
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        if failure.exitcode == 130:
+            print(f"bitscale train: rank {rank} was stopped by a signal", file=sys.stderr)
+            return 130
+        print(
+            f"bitscale train: rank {rank} failed with exit code {failure.exitcode} "
+            "(its traceback is above)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    worker_config = getattr(args, "worker_config", None)
+    config = TrainConfig.from_json(worker_config) if worker_config else config_from_args(args)
+    if args.nproc is not None and not worker_config:
+        if args.nproc < 1:
+            raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+        # Catch bad flags here, once, rather than as a traceback from every process.
+        from bitscale.data import load_corpus
+        from bitscale.model import preset
+
+        preset(config.model)
+        load_corpus(config.data, seed=config.seed)
+        if "WORLD_SIZE" in os.environ:
+            raise ValueError(
+                "--nproc starts processes itself; under torchrun leave it out "
+                "(torchrun's --nproc-per-node sets the process count)"
+            )
+        config.capacity_for(args.nproc)
+        for ckpt_dir in _ckpt_dirs(config):
+            _check_fresh_ckpt_dir(ckpt_dir, config.resume)
+        return launch(config, args.nproc)
+    runs = train(config)
+    return 130 if any(summary.interrupted for summary, _ in runs.values()) else 0
+
+
+def _module_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bitscale.train``: the same flags as ``bitscale train`` (for torchrun), plus
+    the launcher's hidden --worker-config."""
+    parser = argparse.ArgumentParser(prog="python -m bitscale.train", description=__doc__)
+    add_arguments(parser)
+    parser.add_argument("--worker-config", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        return main(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(_module_main())
