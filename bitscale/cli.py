@@ -13,11 +13,17 @@ import sys
 
 # name -> (module, one-line help). Order is the order of `bitscale --help`.
 _COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("bitscale.train", "train a small GPT with HDP, lazy checkpoints and bipolar QAT"),
+    "simulate": ("bitscale.hdp.simulate", "cluster-scale simulator: static DP x CP mesh vs HDP"),
+    "ckpt": ("bitscale.checkpoint.cli", "list, inspect, verify, import and export checkpoints"),
+    "bench": ("bitscale.bench", "run the benchmark suite (bench/) and render bench/RESULTS.md"),
     "env": ("bitscale.env", "what this machine offers: torch, CUDA, triton, gloo/NCCL, deepspeed"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or with ``only`` just that subcommand's, so running one command
+    never imports the others' modules (and cannot break on them)."""
     from bitscale import __version__
 
     parser = argparse.ArgumentParser(
@@ -27,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bitscale {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in _COMMANDS.items():
+        if only is not None and name != only:
+            continue
         module = importlib.import_module(module_name)
         sub = subparsers.add_parser(name, help=help_text, description=module.__doc__)
         module.add_arguments(sub)
@@ -35,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(only=argv[0] if argv and argv[0] in _COMMANDS else None)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
