@@ -57,6 +57,7 @@ __all__ = [
     "OffloadConfig",
     "Plan",
     "PlanStats",
+    "StaticAssignment",
     "WorkItem",
     "plan_batch",
     "plan_static_mesh",
@@ -76,6 +77,27 @@ class GroupRule(str, Enum):
     """The minimum d that holds it (ByteScale)."""
     POW2 = "pow2"
     """That minimum rounded up to a power of two, capped at world_size (Megatron hybrid CP)."""
+
+
+class StaticAssignment(str, Enum):
+    """How the static mesh hands documents to DP groups and micro-batches."""
+
+    DP_BALANCED = "dp_balanced"
+    """What Megatron-LM does (``DpBalancedScheduler``, ``--sequence-packing-scheduler
+    dp_balanced`` in ``megatron/core/datasets/data_schedule.py``; the baseline of its
+    ``examples/dynamic_context_parallel`` benchmark): the whole global batch, in dataset
+    order, is packed next-fit into packs of at most capacity * CP tokens; while the pack
+    count is not a multiple of DP, the last document of the last pack holding several is
+    moved into a pack of its own (appended at the end); pack k then runs as micro-batch
+    k // DP on DP group k % DP. Every group runs the same number of micro-batches whatever
+    they cost, which is also how ByteScale describes its static baseline ("the same number
+    of micro-batches" per device, notes 1.6). Where Megatron stops on an assertion (only
+    the first pack is left to split) this splits the first pack too, and groups still
+    without a pack (fewer documents than DP groups) stay idle."""
+    TOKEN_BALANCED = "token_balanced"
+    """Each document, in dataset order, goes to the DP group with the fewest token slots so
+    far and each group packs its own next-fit: a stronger baseline than Megatron's (tokens
+    balanced across groups, though not attention work), kept for comparison."""
 
 
 @dataclass(frozen=True)
@@ -489,20 +511,28 @@ def plan_static_mesh(
     *,
     cp_size: int | None = None,
     cost: CostModel | None = None,
+    assignment: StaticAssignment | str = StaticAssignment.DP_BALANCED,
 ) -> Plan:
     """Plan one global batch on a static DP x CP mesh (the Megatron-style baseline).
 
-    CP (default: the least power of two whose zigzag shards of the longest sequence fit in
-    ``capacity``) must divide world_size; DP = world_size / CP and CP group g is ranks
-    ``g*CP .. g*CP + CP - 1``. Sequences in arrival order are packed next-fit into
-    micro-batches of at most ``capacity`` token slots per rank, every document zigzag-sharded
-    over the CP group (padded to a multiple of 2*CP, TE's THD layout); micro-batch m goes to
-    DP group m mod DP, so every group runs the same number of micro-batches (+-1). Each
-    document is one item; the items of one micro-batch share ``WorkItem.micro_batch``. With
-    CP = 1 a micro-batch is one single-rank item of whole sequences.
+    CP (default: the least power of two whose zigzag shards of this batch's longest
+    sequence fit in ``capacity``; a real mesh fixes CP at launch for the longest sequence
+    the run can see, so pass ``cp_size`` to model that) must divide world_size;
+    DP = world_size / CP and CP group g is ranks ``g*CP .. g*CP + CP - 1``. Documents are
+    packed into micro-batches of at most ``capacity`` token slots per rank, every document
+    zigzag-sharded over the CP group (padded to a multiple of 2*CP, TE's THD layout).
+    ``assignment`` picks how documents reach DP groups and micro-batches
+    (`StaticAssignment`; the default is what Megatron-LM does). Each document is one item;
+    the items of one micro-batch share ``WorkItem.micro_batch``. With CP = 1 a micro-batch
+    is one single-rank item of whole sequences.
     """
     lengths_t = _check_lengths(lengths)
     _check_world_and_capacity(world_size, capacity)
+    try:
+        assignment = StaticAssignment(assignment)
+    except ValueError:
+        choices = ", ".join(repr(a.value) for a in StaticAssignment)
+        raise ValueError(f"assignment must be one of {choices}, got {assignment!r}") from None
     cost = cost or CostModel()
     longest = max(lengths_t)
     if cp_size is None:
@@ -531,27 +561,11 @@ def plan_static_mesh(
         )
     dp = world_size // cp
 
-    # Documents in arrival order go to the DP group with the fewest token slots so far (the
-    # token-balanced loader of static systems); each group packs its own next-fit.
     slots_of = [L if cp == 1 else 2 * cp * ((L + 2 * cp - 1) // (2 * cp)) for L in lengths_t]
-    group_docs: list[list[int]] = [[] for _ in range(dp)]
-    heap = [(0, g) for g in range(dp)]
-    for seq_id, slots in enumerate(slots_of):
-        tokens, g = heap[0]
-        group_docs[g].append(seq_id)
-        heapq.heapreplace(heap, (tokens + slots, g))
-    per_group: list[list[list[int]]] = []
-    budget = capacity * cp
-    for seq_ids in group_docs:
-        batches: list[list[int]] = []
-        used = budget + 1
-        for seq_id in seq_ids:
-            if used + slots_of[seq_id] > budget:
-                batches.append([])
-                used = 0
-            batches[-1].append(seq_id)
-            used += slots_of[seq_id]
-        per_group.append(batches)
+    if assignment is StaticAssignment.DP_BALANCED:
+        per_group = _assign_dp_balanced(slots_of, dp, capacity * cp)
+    else:
+        per_group = _assign_token_balanced(slots_of, dp, capacity * cp)
 
     # Global order: round m runs micro-batch m of every group.
     items: list[WorkItem] = []
@@ -769,6 +783,45 @@ def _pack_best_fit(order: list[int], lengths: tuple[int, ...], capacity: int) ->
         if room > 0:
             insort(open_bins, room * scale + index)
     return bins
+
+
+def _next_fit(seq_ids: Sequence[int], slots_of: Sequence[int], budget: int) -> list[list[int]]:
+    """Documents in the given order into packs of at most ``budget`` slots, a new pack
+    whenever the next document does not fit in the current one."""
+    packs: list[list[int]] = []
+    used = budget + 1
+    for seq_id in seq_ids:
+        if used + slots_of[seq_id] > budget:
+            packs.append([])
+            used = 0
+        packs[-1].append(seq_id)
+        used += slots_of[seq_id]
+    return packs
+
+
+def _assign_dp_balanced(slots_of: list[int], dp: int, budget: int) -> list[list[list[int]]]:
+    """Per DP group, its packs in micro-batch order (`StaticAssignment.DP_BALANCED`)."""
+    packs = _next_fit(range(len(slots_of)), slots_of, budget)
+    missing = -len(packs) % dp
+    i = len(packs) - 1
+    while missing and i >= 0:
+        if len(packs[i]) > 1:
+            packs.append([packs[i].pop()])
+            missing -= 1
+        else:
+            i -= 1
+    return [packs[g::dp] for g in range(dp)]
+
+
+def _assign_token_balanced(slots_of: list[int], dp: int, budget: int) -> list[list[list[int]]]:
+    """Per DP group, its packs in micro-batch order (`StaticAssignment.TOKEN_BALANCED`)."""
+    group_docs: list[list[int]] = [[] for _ in range(dp)]
+    heap = [(0, g) for g in range(dp)]
+    for seq_id, slots in enumerate(slots_of):
+        tokens, g = heap[0]
+        group_docs[g].append(seq_id)
+        heapq.heapreplace(heap, (tokens + slots, g))
+    return [_next_fit(seq_ids, slots_of, budget) for seq_ids in group_docs]
 
 
 def _zigzag_shards(seq_id: int, length: int, d: int) -> tuple[tuple[tuple[Range, Range], ...], int]:

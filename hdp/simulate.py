@@ -23,11 +23,12 @@ strategies then balance with that critical path (`plan_batch(pipeline_stages=p)`
 holding a long item get fewer others). ByteScale's ordering of length buckets across
 neighbouring stages is not modelled.
 
-Strategies: ``static`` (Megatron-style mesh), ``hdp-no-balance`` (minimal rings, equal
-micro-batch counts), ``hdp`` (minimal rings + balance scheduler), ``hdp-pow2`` (rings rounded
-to powers of two, Megatron hybrid CP), ``hdp-offload`` (hdp + selective activation
-offloading). The ablation adds one technique at a time: static -> dynamic rings -> balance ->
-offloading.
+Strategies: ``static`` (Megatron-style mesh: CP fixed for ``max_context``, documents
+assigned as Megatron-LM's ``dp_balanced`` packing scheduler does, see
+`bitscale.hdp.plan.StaticAssignment`), ``hdp-no-balance`` (minimal rings, equal micro-batch
+counts), ``hdp`` (minimal rings + balance scheduler), ``hdp-pow2`` (rings rounded to powers
+of two, Megatron hybrid CP), ``hdp-offload`` (hdp + selective activation offloading). The
+ablation adds one technique at a time: static -> dynamic rings -> balance -> offloading.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from enum import Enum
 from typing import Any
 
 from .cost import CostModel, OffloadConfig
-from .plan import Plan, _gc_paused, plan_batch, plan_static_mesh
+from .plan import Plan, _fits, _gc_paused, plan_batch, plan_static_mesh
 
 __all__ = [
     "ABLATION",
@@ -105,7 +106,8 @@ _LONGTAIL_BUCKETS = (
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """Transformer shape (SwiGLU FFN; MoE with ``num_experts`` experts, ``top_k`` active)."""
+    """Transformer shape (SwiGLU or plain FFN; MoE with ``num_experts`` experts, ``top_k``
+    active)."""
 
     name: str
     num_layers: int
@@ -116,6 +118,9 @@ class ModelConfig:
     vocab: int
     num_experts: int = 1
     top_k: int = 1
+    gated_mlp: bool = True
+    """SwiGLU (three FFN matrices); False: a plain GeLU FFN (two), Megatron-LM's default
+    without ``--swiglu``."""
 
     def __post_init__(self) -> None:
         for f in ("num_layers", "hidden", "num_heads", "kv_heads", "ffn_hidden", "vocab"):
@@ -144,7 +149,7 @@ class ModelConfig:
     def gemm_flops_per_token(self) -> int:
         """Forward GEMM FLOPs per token: QKV + output projections, active experts, LM head."""
         h, f = self.hidden, self.ffn_hidden
-        per_layer = 2 * (h * (h + 2 * self.kv_hidden) + h * h + 3 * h * f * self.top_k)
+        per_layer = 2 * (h * (h + 2 * self.kv_hidden) + h * h + self._ffn_mats * h * f * self.top_k)
         return self.num_layers * per_layer + 2 * h * self.vocab
 
     def attention_flops(self, length: int) -> int:
@@ -152,10 +157,14 @@ class ModelConfig:
         return 2 * self.num_layers * self.hidden * length * length
 
     @property
+    def _ffn_mats(self) -> int:
+        return 3 if self.gated_mlp else 2
+
+    @property
     def params(self) -> int:
         """All parameters (every expert), embeddings and LM head untied."""
         h, f = self.hidden, self.ffn_hidden
-        per_layer = h * (h + 2 * self.kv_hidden) + h * h + 3 * h * f * self.num_experts
+        per_layer = h * (h + 2 * self.kv_hidden) + h * h + self._ffn_mats * h * f * self.num_experts
         return self.num_layers * per_layer + 2 * h * self.vocab
 
     @property
@@ -179,6 +188,13 @@ MODELS: dict[str, ModelConfig] = {
         ModelConfig(
             name="llama-70b", num_layers=80, hidden=8192, num_heads=64, kv_heads=8,
             ffn_hidden=28672, vocab=32000,
+        ),
+        # The model of Megatron-LM's examples/dynamic_context_parallel/benchmark_dcp.sh:
+        # 12 layers, hidden 2048, FFN 8192, 16 heads without --group-query-attention (MHA)
+        # or --swiglu (GeLU FFN), vocab 131072.
+        ModelConfig(
+            name="megatron-dcp-bench", num_layers=12, hidden=2048, num_heads=16, kv_heads=16,
+            ffn_hidden=8192, vocab=131072, gated_mlp=False,
         ),
         ModelConfig(
             name="moe-141b", num_layers=56, hidden=6144, num_heads=48, kv_heads=8,
@@ -255,6 +271,9 @@ class WorkloadConfig:
     """Global batch = tokens_per_rank * capacity * ranks tokens (>= one max_context sequence)."""
     global_batch_tokens: int | None = None
     """Overrides tokens_per_rank when set."""
+    sequences_per_rank: float | None = None
+    """Global batch = round(sequences_per_rank * ranks) sequences instead of a token count
+    (loaders that batch a fixed number of samples, e.g. Megatron-LM's global batch size)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -263,6 +282,10 @@ class WorkloadConfig:
             raise ValueError("WorkloadConfig: distribution 'empirical' needs lengths_file=PATH")
         if self.max_context < 1 or self.min_length < 1:
             raise ValueError("WorkloadConfig: max_context and min_length must be >= 1")
+        if self.sequences_per_rank is not None and not self.sequences_per_rank > 0:
+            raise ValueError(
+                f"WorkloadConfig: sequences_per_rank must be > 0, got {self.sequences_per_rank}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -273,7 +296,9 @@ class SimulationConfig:
     capacity: int | None = None
     """Tokens per rank per micro-batch; None derives it from memory."""
     static_cp: int | None = None
-    """CP of the static mesh; None = least power of two that holds the longest sequence."""
+    """CP of the static mesh; None = the least power of two that holds a ``max_context``
+    sequence. A static mesh fixes CP at launch (Megatron-LM's ``--context-parallel-size``),
+    so it must hold the longest sequence the loader can produce, not only this batch's."""
     pipeline_stages: int = 1
     """p > 1: each rank is a 1F1B pipeline of p stages (layers split evenly)."""
     offload: OffloadConfig | None = None
@@ -371,8 +396,11 @@ def _read_lengths(path: str) -> Any:
     return values
 
 
-def sample_lengths(workload: WorkloadConfig, tokens: int, seed: int) -> list[int]:
-    """Sequence lengths (each <= max_context) summing to at least ``tokens``."""
+def sample_lengths(
+    workload: WorkloadConfig, tokens: int, seed: int, *, count: int | None = None
+) -> list[int]:
+    """Sequence lengths (each <= max_context) summing to at least ``tokens``, or exactly
+    ``count`` of them when ``count`` is given (``tokens`` is then ignored)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -384,7 +412,7 @@ def sample_lengths(workload: WorkloadConfig, tokens: int, seed: int) -> list[int
     )
     out: list[int] = []
     total = 0
-    while total < tokens:
+    while (len(out) < count) if count is not None else (total < tokens):
         # Vectorised draws, 1,024 at a time, cut where the running total reaches ``tokens``.
         block = 1024
         if w.distribution is LengthDistribution.FIXED:
@@ -402,7 +430,10 @@ def sample_lengths(workload: WorkloadConfig, tokens: int, seed: int) -> list[int
             draw = np.rint(np.exp(lo + (hi - lo) * rng.random(block))).astype(np.int64)
         draw = np.minimum(draw, w.max_context)
         cumulative = total + np.cumsum(draw)
-        stop = int(np.searchsorted(cumulative, tokens)) + 1
+        if count is not None:
+            stop = count - len(out)
+        else:
+            stop = int(np.searchsorted(cumulative, tokens)) + 1
         out.extend(int(x) for x in draw[:stop])
         total = int(cumulative[min(stop, block) - 1])
     return out
@@ -506,7 +537,8 @@ def _plan(
 ) -> Plan:
     world = config.num_ranks
     if strategy is Strategy.STATIC:
-        return plan_static_mesh(lengths, world, capacity, cp_size=config.static_cp, cost=cost)
+        cp = config.static_cp or _launch_cp(config.workload.max_context, capacity, world)
+        return plan_static_mesh(lengths, world, capacity, cp_size=cp, cost=cost)
     return plan_batch(
         lengths,
         world,
@@ -518,6 +550,20 @@ def _plan(
         pipeline_stages=config.pipeline_stages,
         widen=strategy is not Strategy.HDP_NO_BALANCE,
     )
+
+
+def _launch_cp(max_context: int, capacity: int, world: int) -> int:
+    """Least power-of-two CP whose zigzag shards of a ``max_context`` sequence fit."""
+    cp = 1
+    while not _fits(max_context, cp, capacity):
+        cp *= 2
+        if cp > world:
+            raise ValueError(
+                f"a static mesh needs CP {cp} for max_context {max_context} at capacity "
+                f"{capacity}, more than the {world} ranks; raise capacity or GPUs, or set "
+                "static_cp"
+            )
+    return cp
 
 
 def _pipeline_time(plan: Plan, stages: int) -> float:
@@ -567,7 +613,10 @@ def simulate(
     static_cp = 0
     sequences = 0
     for step in range(config.steps):
-        lengths = sample_lengths(w, tokens_goal, w.seed + step)
+        count = None
+        if w.sequences_per_rank is not None:
+            count = max(1, round(w.sequences_per_rank * world))
+        lengths = sample_lengths(w, tokens_goal, w.seed + step, count=count)
         sequences += len(lengths)
         tokens = sum(lengths)
         attention_flops = sum(m.attention_flops(L) for L in lengths)
@@ -654,13 +703,18 @@ PRESETS: dict[str, SimulationConfig] = {
     "llama3-8b-2m": _preset("llama3-8b", 1024, 2 * 1024 * 1024, capacity=16384),
     "llama-70b-1m": _preset("llama-70b", 4096, 1024 * 1024, tp=8),
     "moe-141b-2m": _preset("moe-141b", 12288, 2 * 1024 * 1024, tp=8),
-    # NVIDIA's dynamic-CP benchmark: TP1 CP4, lognormal 128..8192 mean 1024 sigma 1.5,
-    # capacity 2048 (Megatron-LM examples/dynamic_context_parallel).
+    # NVIDIA's dynamic-CP benchmark (Megatron-LM examples/dynamic_context_parallel:
+    # README.md and benchmark_dcp.sh): its model, TP1 CP4, lognormal 128..8192 mean 1024
+    # sigma 1.5, capacity (--max-seqlen-per-dp-cp-rank) 2048, run on four GPUs per node.
+    # Global batch = MICRO_BATCH_SIZE 1 x DP x NUM_MICROBATCHES 8 samples, and each
+    # MockVarlenDataset sample is one unpacked sequence: 8 DP = 2 sequences per rank.
     "megatron-dcp": replace(
         _preset(
-            "llama3-8b", 64, 8192, capacity=2048, distribution=LengthDistribution.LOGNORMAL,
-            mean=1024.0, sigma=1.5, min_length=128, tokens_per_rank=8.0,
+            "megatron-dcp-bench", 64, 8192, capacity=2048,
+            distribution=LengthDistribution.LOGNORMAL, mean=1024.0, sigma=1.5,
+            min_length=128, sequences_per_rank=2.0,
         ),
+        cluster=ClusterConfig(num_gpus=64, gpus_per_node=4),
         static_cp=4,
     ),
     "wikipedia-7b": _preset(
@@ -787,7 +841,7 @@ def config_from_args(args: Any) -> SimulationConfig:
     if args.lengths_file is not None:
         workload = replace(workload, lengths_file=args.lengths_file)
     if args.batch_tokens is not None:
-        workload = replace(workload, global_batch_tokens=args.batch_tokens)
+        workload = replace(workload, global_batch_tokens=args.batch_tokens, sequences_per_rank=None)
     if args.seed is not None:
         workload = replace(workload, seed=args.seed)
     changes: dict[str, Any] = {"cluster": cluster, "workload": workload}

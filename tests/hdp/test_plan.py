@@ -13,6 +13,7 @@ from bitscale.hdp.plan import (
     CostModel,
     OffloadConfig,
     Plan,
+    StaticAssignment,
     plan_batch,
     plan_static_mesh,
 )
@@ -214,17 +215,19 @@ def test_offload_plan_invariants(batch: tuple[list[int], int, int], group_rule: 
 
 
 @settings(max_examples=80, deadline=None)
-@given(batch=batches())
-def test_static_mesh_invariants(batch: tuple[list[int], int, int]) -> None:
+@given(batch=batches(), assignment=st.sampled_from(list(StaticAssignment)))
+def test_static_mesh_invariants(
+    batch: tuple[list[int], int, int], assignment: StaticAssignment
+) -> None:
     lengths, world, capacity = batch
     cp = 1
     while 2 * math.ceil(max(lengths) / (2 * cp)) > capacity if cp > 1 else max(lengths) > capacity:
         cp *= 2
     if cp > world or world % cp:
         with pytest.raises(ValueError, match="world_size"):
-            plan_static_mesh(lengths, world, capacity)
+            plan_static_mesh(lengths, world, capacity, assignment=assignment)
         return
-    plan = plan_static_mesh(lengths, world, capacity)
+    plan = plan_static_mesh(lengths, world, capacity, assignment=assignment)
     check_plan(plan, lengths, capacity, world)
     assert plan.strategy == "static"
     for item in plan.items:
@@ -234,7 +237,45 @@ def test_static_mesh_invariants(batch: tuple[list[int], int, int]) -> None:
         )
         if cp > 1:
             assert len(item.seq_ids) == 1  # every document is sharded over the CP group
-    assert plan == plan_static_mesh(lengths, world, capacity)
+    assert plan == plan_static_mesh(lengths, world, capacity, assignment=assignment)
+    if assignment is StaticAssignment.DP_BALANCED:
+        # Megatron's dp_balanced deals packs round-robin, and splits packs until their count
+        # is a multiple of DP, which a document count that is one always allows.
+        counts = plan.stats.micro_batches
+        assert max(counts) - min(counts) <= 1
+        if len(lengths) % (world // cp) == 0:
+            assert len(set(counts)) == 1, counts
+
+
+def _static_micro_batches(plan: Plan) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(ranks, documents) of each micro-batch in global order."""
+    out: dict[int | None, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    for item in plan.items:
+        ranks, docs = out.get(item.micro_batch, (item.ranks, ()))
+        out[item.micro_batch] = (ranks, docs + item.seq_ids)
+    return list(out.values())
+
+
+def test_static_assignment_policies_hand_checked() -> None:
+    # CP 1 (every length <= capacity 8), DP 4. dp_balanced (Megatron's DpBalancedScheduler):
+    # next-fit in dataset order gives packs [0,1] [2,3] [4,5] [6,7] [8]; 5 packs -> 3 more
+    # for a multiple of DP, each the last document of the last pack holding several:
+    # [7], [5], [3]; pack k runs as micro-batch k // 4 on group k % 4.
+    lengths = [5, 3, 4, 4, 2, 6, 1, 1, 7]
+    megatron = plan_static_mesh(lengths, 4, 8)
+    assert _static_micro_batches(megatron) == [
+        ((0,), (0, 1)), ((1,), (2,)), ((2,), (4,)), ((3,), (6,)),
+        ((0,), (8,)), ((1,), (7,)), ((2,), (5,)), ((3,), (3,)),
+    ]  # fmt: skip
+    assert megatron.stats.micro_batches == (2, 2, 2, 2)
+    # token_balanced: each document to the group with the fewest tokens so far
+    # (g0 [0,7], g1 [1,4,8], g2 [2,5], g3 [3,6]), then next-fit per group.
+    balanced = plan_static_mesh(lengths, 4, 8, assignment="token_balanced")
+    assert _static_micro_batches(balanced) == [
+        ((0,), (0, 7)), ((1,), (1, 4)), ((2,), (2,)), ((3,), (3, 6)),
+        ((1,), (8,)), ((2,), (5,)),
+    ]  # fmt: skip
+    assert balanced.stats.micro_batches == (1, 2, 2, 1)
 
 
 def test_hand_checked_plan() -> None:
@@ -384,6 +425,7 @@ def test_offload_takes_fewer_ranks_when_it_pays() -> None:
         (lambda: plan_static_mesh([30], 6, 8), "must divide world_size 6"),
         (lambda: plan_static_mesh([30], 8, 8, cp_size=2), "cp_size 2 is too small"),
         (lambda: plan_static_mesh([3], 8, 8, cp_size=0), "cp_size must be an int >= 1"),
+        (lambda: plan_static_mesh([3], 2, 8, assignment="random"), "assignment must be one of"),
         (lambda: plan_batch([4], 2, 8).for_rank(2), r"rank must be in \[0, 2\)"),
         (lambda: OffloadConfig(max_ratio=1.5), "max_ratio must be in"),
         (lambda: CostModel(alpha=-1.0), "alpha must be finite and >= 0"),

@@ -95,7 +95,9 @@ MEGATRON_GPUS = (4, 8, 16, 32, 64)
 
 @pytest.fixture(scope="module")
 def megatron_reports() -> dict[int, SimulationReport]:
-    base = fast_mode(PRESETS["megatron-dcp"])
+    # 20 steps, as the benchmark averages 20 measured iterations (TRAIN_ITERS 30 minus
+    # WARMUP_ITERS 10); its batches are only 2 sequences per GPU, so 3 steps are noise.
+    base = replace(fast_mode(PRESETS["megatron-dcp"]), steps=20)
     strategies = [Strategy.STATIC, Strategy.HDP_POW2]
     return {
         gpus: simulate(replace(base, cluster=replace(base.cluster, num_gpus=gpus)), strategies)
@@ -108,6 +110,7 @@ def test_megatron_dcp_config_hdp_beats_static(
 ) -> None:
     for gpus, report in megatron_reports.items():
         assert report.static_cp == 4 and report.capacity == 2048
+        assert report.sequences == 2 * gpus  # global batch: 8 sequences per DP group
         assert report.speedup(Strategy.HDP_POW2) > 1.0, gpus
         if gpus > 4:  # with 4 GPUs the static mesh is one CP4 group: nothing to imbalance
             assert report.results["hdp-pow2"].balance < report.results["static"].balance
@@ -117,10 +120,12 @@ def test_megatron_dcp_config_hdp_beats_static(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="our cost model gives HDP(pow2)/static 1.04-1.12x on this config (LLaMA-3-8B "
-    "shapes, H100): CP4 rings over NVLink expose only 4 % of the static step here, so the "
-    "gain is mostly the static mesh's imbalance (max/mean 1.00-1.10); Megatron reports "
-    "1.21-1.50x",
+    reason="with Megatron's own baseline (dp_balanced packing) and the benchmark's model, "
+    "batch and 4-GPU nodes, our cost model gives HDP(pow2)/static 1.05x (4 GPUs), 1.22x (8), "
+    "1.20x (16), 1.20x (32), 1.21x (64) against Megatron's 1.29/1.41/1.21/1.38/1.50x: at 4 "
+    "GPUs (DP 1) the static mesh has no DP imbalance left and the CP4 NVLink ring exposes "
+    "little, and the measured steps (152-290 ms) are 2-3x our modelled ones (64-103 ms), so "
+    "Megatron's static path has costs our first-principles model does not contain",
 )
 def test_megatron_dcp_config_in_published_band(
     megatron_reports: dict[int, SimulationReport],
@@ -183,6 +188,8 @@ def test_sample_lengths_distributions() -> None:
     )
     values = sample_lengths(lognormal, 10_000_000, seed=0)
     assert min(values) >= 128 and max(values) <= 8192
+    counted = sample_lengths(lognormal, 0, seed=0, count=3000)
+    assert counted == values[:3000]  # same draws, cut by count instead of tokens
     assert 600 < sum(values) / len(values) < 1100  # mean 1024 before clipping at 8192
 
 
@@ -194,6 +201,18 @@ def test_empirical_lengths_from_file(tmp_path: Path) -> None:
     )
     values = sample_lengths(workload, 1000, seed=0)
     assert set(values) <= {5, 7, 8}
+
+
+def test_megatron_benchmark_model_shape() -> None:
+    # benchmark_dcp.sh: 12 layers, hidden 2048, FFN 8192 (GeLU: two matrices), MHA, vocab
+    # 131072, untied embeddings.
+    m = MODELS["megatron-dcp-bench"]
+    per_layer = 4 * 2048 * 2048 + 2 * 2048 * 8192
+    assert m.params == 12 * per_layer + 2 * 2048 * 131072
+    # Forward GEMMs: 2 FLOPs per weight of every layer and of the LM head (not the embedding).
+    assert m.gemm_flops_per_token == 2 * (12 * per_layer + 2048 * 131072)
+    gated = replace(m, gated_mlp=True)
+    assert gated.params - m.params == 12 * 2048 * 8192
 
 
 def test_fast_mode_caps_gpus() -> None:
@@ -210,6 +229,7 @@ def test_fast_mode_caps_gpus() -> None:
         (lambda: ClusterConfig(num_gpus=16, tensor_parallel=3), "tensor_parallel 3 must divide"),
         (lambda: ClusterConfig(gemm_efficiency=1.5), "gemm_efficiency"),
         (lambda: WorkloadConfig(distribution="empirical"), "needs lengths_file"),
+        (lambda: WorkloadConfig(sequences_per_rank=0.0), "sequences_per_rank must be > 0"),
         (lambda: SimulationConfig(model=MODELS["llama-7b"], cluster=ClusterConfig(num_gpus=8), pipeline_stages=3), "pipeline_stages 3"),
         (lambda: SimulationConfig(model=MODELS["llama-70b"], cluster=ClusterConfig(num_gpus=8)).resolved_capacity(), "no room for activations"),
     ],
