@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .dispatch import attention
-    from .plan import CostModel, Plan, WorkItem, plan_batch, plan_static_mesh
+    from .plan import CostModel, Plan, StaticAssignment, WorkItem, plan_batch, plan_static_mesh
     from .runtime import HDPRunner, StepResult
 
 _WHERE = {
     "CostModel": "plan",
     "Plan": "plan",
     "WorkItem": "plan",
+    "StaticAssignment": "plan",
     "plan_batch": "plan",
     "plan_static_mesh": "plan",
     "HDPRunner": "runtime",
@@ -34,6 +35,7 @@ __all__ = [
     "CostModel",
     "HDPRunner",
     "Plan",
+    "StaticAssignment",
     "StepResult",
     "WorkItem",
     "attention",
