@@ -14,6 +14,11 @@ also runs on CPU)::
                        rank 0 writes the manifest, renames the directory into place,
                        swaps LATEST, applies retention (storage.py).
 
+Sharded state (DTensors, tensors annotated with a ``RankLayout``) is split into the
+chunks each rank owns (:mod:`bitscale.checkpoint.layout`); those chunks go through the
+same pipeline, and :meth:`Checkpointer.load` fills sharded targets in place, each rank
+reading only the byte ranges it owns (:class:`~bitscale.checkpoint.reshard.ChunkReader`).
+
 Parameters and optimizer state change only in ``optimizer.step()``, so training
 only has to wait in the optimizer pre-step hook that :meth:`Checkpointer.attach`
 installs, and only for the copies of the tensors that step will change.
@@ -23,8 +28,10 @@ from __future__ import annotations
 
 import atexit
 import base64
+import dataclasses
 import hashlib
 import logging
+import math
 import queue
 import random
 import threading
@@ -56,6 +63,16 @@ from bitscale.checkpoint.format import (
     step_dir_name,
     validate_manifest,
 )
+from bitscale.checkpoint.layout import (
+    check_against,
+    flatten_state,
+    has_layout,
+    load_shard,
+    needs_universal_path,
+    owned_chunks,
+    shard_of,
+)
+from bitscale.checkpoint.reshard import Box, ChunkReader
 from bitscale.checkpoint.staging import HostBufferPool, PoolSlot, byte_view, max_piece_bytes
 from bitscale.checkpoint.storage import (
     CheckpointCorruptError,
@@ -78,7 +95,6 @@ __all__ = [
     "CheckpointDamagedWarning",
     "CheckpointSaveError",
     "Checkpointer",
-    "LocalShard",
     "StateMutatedError",
 ]
 
@@ -97,51 +113,27 @@ class CheckpointDamagedWarning(UserWarning):
     """The newest committed step failed verification; an older one is loaded instead."""
 
 
-@dataclass(frozen=True)
-class LocalShard:
-    """This rank's hyper-rectangle of a larger logical tensor.
-
-    Put it in the saved state where a tensor would go: every rank writes its own
-    shard, and the manifest records one logical tensor of ``global_shape`` whose
-    chunks are the shards. Plain tensors, by contrast, count as replicated and
-    only rank 0 writes them. On load, ``tensor`` is filled with its region.
-    """
-
-    tensor: torch.Tensor
-    offsets: tuple[int, ...]
-    global_shape: tuple[int, ...]
-    layout: Any = None
-    """Optional JSON recorded in the manifest (how the tensor was sharded)."""
-
-    def __post_init__(self) -> None:
-        ndim = self.tensor.dim()
-        if len(self.offsets) != ndim or len(self.global_shape) != ndim:
-            raise ValueError(
-                f"LocalShard of a {ndim}-d tensor needs {ndim} offsets and a {ndim}-d "
-                f"global_shape, got offsets={self.offsets}, global_shape={self.global_shape}"
-            )
-        for dim, (off, ext, full) in enumerate(
-            zip(self.offsets, self.tensor.shape, self.global_shape, strict=True)
-        ):
-            if off < 0 or off + ext > full:
-                raise ValueError(
-                    f"LocalShard dim {dim}: [{off}, {off + ext}) does not fit in size {full}"
-                )
-
-
 # ----------------------------------------------------------------------------- plan
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's values of ``tensor``: a DTensor's local shard, else the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "device_mesh") else tensor
+
+
 def _tensor_key(tensor: torch.Tensor) -> tuple[str, int]:
-    """Identity of a tensor's memory, shared by a parameter and its detached aliases."""
-    return (str(tensor.device), tensor.data_ptr())
+    """Identity of a tensor's memory, shared by a parameter and its detached aliases
+    (for a DTensor, the memory of its local shard)."""
+    local = _local(tensor)
+    return (str(local.device), local.data_ptr())
 
 
 @dataclass(eq=False)
 class _Item:
-    """One tensor (or shard) this rank writes."""
+    """One chunk this rank writes: a whole tensor, or its part of a sharded one."""
 
     name: str
+    """The chunk's safetensors key."""
     source: torch.Tensor
     guard: torch.Tensor | None
     """The live tensor whose ``_version`` must not move before the copy ends (None: a clone)."""
@@ -166,12 +158,13 @@ class _FileJob:
 
 @dataclass(eq=False)
 class _TensorSpec:
+    """One logical tensor as this rank saw it, with the chunks this rank writes."""
+
     dtype: str
     global_shape: tuple[int, ...]
-    offsets: tuple[int, ...]
-    shape: tuple[int, ...]
-    layout: Any
-    written: bool
+    layout: dict[str, Any] | None
+    chunks: list[tuple[str, tuple[int, ...], tuple[int, ...]]]
+    """``(safetensors key, offsets, shape)`` of each chunk this rank writes."""
 
 
 @dataclass(eq=False)
@@ -216,7 +209,13 @@ class _SaveJob:
 
 
 class _Registry:
-    """Names, dedups and classifies the tensors of one save."""
+    """Names, dedups and classifies the tensors of one save.
+
+    Each tensor is split into the chunks this rank owns by its :class:`RankLayout`
+    (:func:`~bitscale.checkpoint.layout.shard_of`): a DTensor's placements, an
+    :func:`~bitscale.checkpoint.layout.annotate` d layout, or else replicated with
+    rank 0 writing. A tensor met twice (tied weights) is stored once.
+    """
 
     def __init__(self, rank: int, lazy_keys: set[tuple[str, int]]) -> None:
         self.rank = rank
@@ -224,6 +223,8 @@ class _Registry:
         self.tensors: dict[str, _TensorSpec] = {}
         self.items: list[_Item] = []
         self._by_memory: dict[tuple, str] = {}
+        self._layouts: dict[str, Any] = {}
+        self._aliases: dict[str, list[str]] = {}
 
     def _name(self, path: tuple[str, ...]) -> str:
         name = "/".join(path)
@@ -236,92 +237,95 @@ class _Registry:
     def tensor(
         self, path: tuple[str, ...], tensor: torch.Tensor, *, lazy: bool | None = None
     ) -> str:
-        if type(tensor) is not torch.Tensor and not isinstance(tensor, nn.Parameter):
+        local = _local(tensor)
+        if type(local) is not torch.Tensor and not isinstance(local, nn.Parameter):
             raise TypeError(
                 f"cannot checkpoint a {type(tensor).__qualname__} at {'/'.join(path)!r}: save "
-                "plain tensors, or wrap this rank's part of a sharded tensor in LocalShard"
+                "plain tensors or DTensors, and annotate() a rank's part of any other sharded "
+                "tensor with its RankLayout"
             )
-        if tensor.device.type == "meta":
+        if local.device.type == "meta":
             raise TypeError(f"tensor at {'/'.join(path)!r} is on the meta device: it has no data")
         memory = (
-            str(tensor.device),
-            tensor.untyped_storage().data_ptr(),
-            tensor.storage_offset(),
-            tuple(tensor.shape),
-            tensor.stride(),
-            tensor.dtype,
+            str(local.device),
+            local.untyped_storage().data_ptr(),
+            local.storage_offset(),
+            tuple(local.shape),
+            local.stride(),
+            local.dtype,
         )
-        if tensor.numel() and memory in self._by_memory:
-            return self._by_memory[memory]
+        if local.numel() and memory in self._by_memory:
+            name = self._by_memory[memory]
+            self._aliases.setdefault(name, []).append("/".join(path))
+            return name
         name = self._name(path)
-        if tensor.numel():
+        if local.numel():
             self._by_memory[memory] = name
-        shape = tuple(tensor.shape)
         if lazy is None:
             lazy = _tensor_key(tensor) in self.lazy_keys
-        # Plain tensors are replicated across ranks: only rank 0 writes them.
-        self._add(name, tensor, (0,) * len(shape), shape, None, lazy, self.rank == 0)
-        return name
-
-    def shard(self, path: tuple[str, ...], shard: LocalShard) -> str:
-        name = self._name(path)
-        self._add(name, shard.tensor, shard.offsets, shard.global_shape, shard.layout, True, True)
-        return name
-
-    def _add(
-        self,
-        name: str,
-        tensor: torch.Tensor,
-        offsets: tuple[int, ...],
-        global_shape: tuple[int, ...],
-        layout: Any,
-        lazy: bool,
-        write: bool,
-    ) -> None:
-        self.tensors[name] = _TensorSpec(
-            dtype=dtype_name(tensor.dtype),
-            global_shape=tuple(global_shape),
-            offsets=tuple(offsets),
-            shape=tuple(tensor.shape),
-            layout=layout,
-            written=write,
+        detached = local.detach()
+        shard = shard_of(tensor, rank=self.rank)
+        if has_layout(tensor):
+            try:
+                chunks = owned_chunks(name, detached, shard)
+            except ValueError as error:
+                raise ValueError(f"cannot save {name!r}: {error}") from None
+        else:
+            # Replicated: rank 0 writes it whole, under its own name, in any memory order.
+            whole = Box.whole(tuple(local.shape))
+            chunks = [(name, whole, detached)] if self.rank == 0 else []
+        self._layouts[name] = shard.layout
+        spec = _TensorSpec(
+            dtype=dtype_name(local.dtype), global_shape=shard.layout.shape, layout=None, chunks=[]
         )
-        if not write:
-            return
-        detached = tensor.detach()
-        self.items.append(
-            _Item(
-                name=name,
-                # A clone is ours: nothing else changes it, so it needs no guard.
-                source=detached if lazy else detached.clone(),
-                guard=detached if lazy else None,
-                version=tensor._version,
-                key=_tensor_key(tensor),
-                nbytes=tensor.numel() * tensor.element_size(),
+        self.tensors[name] = spec
+        for key, box, values in chunks:
+            spec.chunks.append((key, box.offsets, box.shape))
+            self.items.append(
+                _Item(
+                    name=key,
+                    # A clone is ours: nothing else changes it, so it needs no guard.
+                    source=values if lazy else values.clone(),
+                    guard=values if lazy else None,
+                    version=values._version,
+                    key=_tensor_key(tensor),
+                    nbytes=values.numel() * values.element_size(),
+                )
             )
-        )
+        return name
+
+    def finish(self) -> None:
+        """Record each tensor's layout, with the other names it was met under."""
+        for name, spec in self.tensors.items():
+            layout = self._layouts[name]
+            aliases = tuple(self._aliases.get(name, ()))
+            if aliases:
+                layout = dataclasses.replace(layout, tied_aliases=aliases)
+            spec.layout = layout.to_json()
 
 
-def _module_param_names(state: Mapping[str, Any]) -> dict[tuple[str, int], str]:
-    names: dict[tuple[str, int], str] = {}
+def _module_param_names(state: Mapping[str, Any]) -> dict[int, str]:
+    """``id(param) -> "entry/param.name"`` over the modules of ``state``. By identity, not
+    memory: every empty shard (a rank that owns no rows of a DTensor) has address 0."""
+    names: dict[int, str] = {}
     for entry, obj in state.items():
         if isinstance(obj, nn.Module):
             for pname, param in obj.named_parameters(remove_duplicate=False):
-                names.setdefault(_tensor_key(param), f"{entry}/{pname}")
+                names.setdefault(id(param), f"{entry}/{pname}")
     return names
 
 
 def _optimizer_param_names(
-    optimizer: torch.optim.Optimizer, module_names: Mapping[tuple[str, int], str]
+    optimizer: torch.optim.Optimizer, module_names: Mapping[int, str]
 ) -> list[list[str]]:
     return [
-        [module_names.get(_tensor_key(p), f"#{g}.{j}") for j, p in enumerate(group["params"])]
+        [module_names.get(id(p), f"#{g}.{j}") for j, p in enumerate(group["params"])]
         for g, group in enumerate(optimizer.param_groups)
     ]
 
 
 def _optimizer_by_name(
-    optimizer: torch.optim.Optimizer, module_names: Mapping[tuple[str, int], str]
+    optimizer: torch.optim.Optimizer, module_names: Mapping[int, str]
 ) -> dict[str, Any]:
     """``optimizer.state_dict()`` with parameter ids replaced by parameter names."""
     state_dict = optimizer.state_dict()
@@ -404,10 +408,15 @@ class Checkpointer:
             ``"size"``, ``"hash"``).
         process_group: ranks that save together (default: all ranks, when
             torch.distributed is initialized). Construction is collective over all
-            ranks of the default group (it creates the gloo group commits run on).
+            ranks of the default group (it creates the gloo group commits run on with
+            ``new_group``, which every rank must call): a rank outside
+            ``process_group`` calls ``torch.distributed.new_group(ranks, backend="gloo")``
+            with the group's ranks instead.
         writer_threads: data files (and writer threads) per rank. Each thread hashes
             (SHA-256) what it writes, and one hash stream ran at only 0.4-0.5 GiB/s on
             a CI core, so several threads keep hashing from setting the flush rate.
+        read_buffer_bytes: the staging buffer of a sharded load: besides the tensors
+            it fills, a rank holds at most this many bytes of read data.
         storage: file operations (tests inject failures here).
 
     ``save``, ``wait``, ``load`` and ``close`` are collective over the group when
@@ -425,6 +434,7 @@ class Checkpointer:
         verify: VerifyMode | str = VerifyMode.SIZE,
         process_group: Any = None,
         writer_threads: int = 4,
+        read_buffer_bytes: int = 64 << 20,
         storage: Storage | None = None,
     ) -> None:
         if keep is not None and (not isinstance(keep, int) or keep < 1):
@@ -443,6 +453,7 @@ class Checkpointer:
         self._storage: Storage = storage or LocalStorage()
         self._host_buffer_bytes = host_buffer_bytes
         self._num_writers = writer_threads
+        self._read_buffer_bytes = read_buffer_bytes
         self._group, self.rank, self.world_size = self._make_group(process_group)
 
         if self.rank == 0:
@@ -491,12 +502,14 @@ class Checkpointer:
             return None, 0, 1
         group = process_group or dist.group.WORLD
         rank, world = dist.get_rank(group), dist.get_world_size(group)
+        # Commit traffic runs in a background thread: on its own gloo group it can
+        # never interleave with (and deadlock against) training collectives. Made even
+        # for a one-rank group, as new_group must be called alike by every rank.
+        ranks = dist.get_process_group_ranks(group)
+        commit_group = dist.new_group(ranks=ranks, backend="gloo")
         if world == 1:
             return None, 0, 1
-        # Commit traffic runs in a background thread: on its own gloo group it can
-        # never interleave with (and deadlock against) training collectives.
-        ranks = dist.get_process_group_ranks(group)
-        return dist.new_group(ranks=ranks, backend="gloo"), rank, world
+        return commit_group, rank, world
 
     def _broadcast(self, value: Any) -> Any:
         if self._group is None:
@@ -532,23 +545,69 @@ class Checkpointer:
         """Start saving ``state`` as ``step`` and return at once.
 
         ``state`` maps names to modules, optimizers, LR schedulers, anything with
-        ``state_dict()``/``load_state_dict()``, tensors, :class:`LocalShard`, or
-        JSON-able values. Raises the error of an earlier failed save, if any.
+        ``state_dict()``/``load_state_dict()``, tensors, or JSON-able values.
+
+        Sharded state is saved as it lives: each rank writes only the chunks it owns
+        of every tensor, in the tensor's logical shape. DTensors (FSDP2
+        ``fully_shard`` models and their optimizers, tensor parallel) describe their
+        sharding; other shardings are declared with
+        :func:`~bitscale.checkpoint.layout.annotate`. Plain tensors count as
+        replicated (rank 0 writes them), tied tensors are stored once, padding never.
+
+        Collective: every rank of the group calls it for the same steps. A rank that
+        cannot start the save raises here and the other ranks get the failure from
+        their next ``save``/``wait``/hook call. Raises the error of an earlier failed
+        save, if any.
         """
         self._check_open()
-        self._raise_pending()
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
-        if not isinstance(state, Mapping) or not state:
-            raise ValueError("state must be a non-empty mapping of names to objects")
-        job = self._plan(step, state)
+        try:
+            self._raise_pending()
+            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                raise ValueError(f"step must be a non-negative int, got {step!r}")
+            if not isinstance(state, Mapping) or not state:
+                raise ValueError("state must be a non-empty mapping of names to objects")
+            job = self._plan(step, state)
+        except BaseException as error:
+            # Every save is one commit round on every rank of the group: a rank that
+            # fails here still takes part, failed, so the others hear of it at once
+            # instead of waiting in the commit gather until the group times out.
+            self._commit_queue_failed(step, error)
+            raise
         with self._lock:
             self._inflight.append(job)
         self._stage_queue.put(job)
 
+    def _next_tmp_dir(self, step: int) -> Path:
+        self._save_count += 1
+        return self.root / temp_dir_name(step, f"{self._token}-{self._save_count}")
+
+    def _commit_queue_failed(self, step: Any, error: BaseException) -> None:
+        if self._group is None:
+            return
+        number = step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else 0
+        job = _SaveJob(
+            step=number,
+            tmp_dir=self._next_tmp_dir(number),
+            files=[],
+            copy_order=[],
+            tensors={},
+            record=RankRecord(rank=self.rank, entries={}),
+            # The caller gets the error raised; it is not pending a second time.
+            on_error=lambda _: None,
+        )
+        job.fail(error, f"rank {self.rank} could not start saving step {step}: {error!r}")
+        with self._lock:
+            self._inflight.append(job)
+        self._commit_queue.put(job)
+
     def _plan(self, step: int, state: Mapping[str, Any]) -> _SaveJob:
         module_names = _module_param_names(state)
-        lazy_keys = set(module_names)
+        lazy_keys = {
+            _tensor_key(param)
+            for obj in state.values()
+            if isinstance(obj, nn.Module)
+            for param in obj.parameters()
+        }
         for obj in state.values():
             if isinstance(obj, torch.optim.Optimizer):
                 lazy_keys |= _optimizer_tensor_keys(obj)
@@ -561,14 +620,9 @@ class Checkpointer:
                 kind, value = EntryKind.MODULE, obj.state_dict()
             elif isinstance(obj, torch.optim.Optimizer):
                 kind, value = EntryKind.OPTIMIZER, _optimizer_by_name(obj, module_names)
-            elif isinstance(obj, LocalShard):
-                entries[name] = {
-                    "kind": EntryKind.TENSOR.value,
-                    "value": {"$tensor": registry.shard((name,), obj)},
-                }
-                continue
             elif isinstance(obj, torch.Tensor):
-                # A loose tensor may change in the next forward pass: snapshot it now.
+                # A loose tensor may change in the next forward pass: snapshot it now
+                # (only the chunks this rank owns of a sharded one).
                 ref = registry.tensor((name,), obj, lazy=False)
                 entries[name] = {"kind": EntryKind.TENSOR.value, "value": {"$tensor": ref}}
                 continue
@@ -581,8 +635,7 @@ class Checkpointer:
             skeleton = encode_skeleton(value, registry.tensor, (name,))
             entries[name] = {"kind": kind.value, "value": skeleton}
 
-        self._save_count += 1
-        tmp_dir = self.root / temp_dir_name(step, f"{self._token}-{self._save_count}")
+        registry.finish()
         files = self._assign_files(registry.items)
         for file_job in files:
             prefix, spans = safetensors_header(
@@ -595,7 +648,7 @@ class Checkpointer:
         copy_order = [f.items[i] for i in range(longest) for f in files if i < len(f.items)]
         job = _SaveJob(
             step=step,
-            tmp_dir=tmp_dir,
+            tmp_dir=self._next_tmp_dir(step),
             files=files,
             copy_order=copy_order,
             tensors=registry.tensors,
@@ -932,7 +985,13 @@ class Checkpointer:
         Modules, optimizers (matched by parameter name), schedulers and other
         stateful objects load in place; tensors are copied into; plain values
         are replaced in ``state``. With ``rng`` the Python, NumPy, torch and CUDA
-        RNG states of this rank are restored too. When the newest step fails
+        RNG states of this rank are restored too. When ``state`` holds sharded
+        tensors (DTensors, annotated tensors), every tensor is filled in place and
+        each rank reads only the byte ranges of the chunks overlapping what it owns,
+        whatever world size and sharding saved the step; optimizer state tensors a
+        fresh optimizer lacks are created first (shaped like their parameter, or
+        scalars). Missing, unexpected and mis-shaped tensors are listed by name in a
+        ``ValueError`` before anything is written. When the newest step fails
         verification, a :class:`CheckpointDamagedWarning` says why and the
         previous committed step is loaded. Returns the step loaded.
         """
@@ -952,8 +1011,11 @@ class Checkpointer:
                 f"{sorted(record.entries)}"
             )
         module_names = _module_param_names(state)
-        for name in list(state):
-            self._restore(state, name, record.entries[name], manifest, step_dir, module_names)
+        if needs_universal_path(state):
+            self._load_in_place(state, record.entries, manifest, step_dir, module_names)
+        else:
+            for name in list(state):
+                self._restore(state, name, record.entries[name], manifest, step_dir, module_names)
         if rng:
             own = manifest.rank_record(self.rank)
             if own is not None and own.rng is not None:
@@ -991,6 +1053,75 @@ class Checkpointer:
             return CheckpointCorruptError(self.root, damaged)
         return FileNotFoundError(f"no committed checkpoint under {self.root}")
 
+    def _load_in_place(
+        self,
+        state: MutableMapping[str, Any],
+        entries: Mapping[str, Any],
+        manifest: Manifest,
+        step_dir: Path,
+        module_names: Mapping[int, str],
+    ) -> None:
+        """Sharded targets: fill every tensor of ``state`` in place, this rank reading only
+        the byte ranges of the stored chunks that overlap what it owns (whatever world
+        size and sharding saved them). Everything is checked before anything is written."""
+        optimizer_values: dict[str, dict[str, Any]] = {}
+        for name, target in state.items():
+            kind = EntryKind(entries[name]["kind"])
+            expected = {
+                EntryKind.MODULE: nn.Module,
+                EntryKind.OPTIMIZER: torch.optim.Optimizer,
+            }.get(kind)
+            if expected is not None and not isinstance(target, expected):
+                raise TypeError(
+                    f"entry {name!r} was saved from {'a module' if kind is EntryKind.MODULE else 'an optimizer'}; "
+                    f"got {type(target).__qualname__}"
+                )
+            if kind is EntryKind.OPTIMIZER:
+                saved = decode_skeleton(entries[name]["value"], lambda _: _STORED_TENSOR)
+                # Checks that the parameters match by name before anything changes.
+                optimizer_values[name] = _optimizer_by_id(name, target, saved, module_names)
+        created = [
+            (optimizer, param)
+            for name, optimizer in state.items()
+            if name in optimizer_values
+            for param in _create_optimizer_state(
+                name, optimizer, entries[name]["value"], manifest, module_names
+            )
+        ]
+        _, tensors = flatten_state(state)
+        plan = [(name, _local(t), shard_of(t, rank=self.rank)) for name, t in tensors.items()]
+        try:
+            check_against(
+                manifest, {name: shard.layout.shape for name, _, shard in plan}, within=set(state)
+            )
+        except ValueError:
+            for optimizer, param in created:
+                del optimizer.state[param]
+            raise
+        with ChunkReader(step_dir, buffer_bytes=self._read_buffer_bytes) as reader, torch.no_grad():
+            for name, local, shard in plan:
+                load_shard(reader, name, manifest.tensors[name], local, shard)
+
+        def stored(tensor_name: str) -> torch.Tensor:
+            if tensor_name in tensors:
+                return tensors[tensor_name]
+            return read_tensor(step_dir, manifest.tensors[tensor_name])
+
+        for name, target in list(state.items()):
+            entry = entries[name]
+            kind = EntryKind(entry["kind"])
+            if kind is EntryKind.MODULE:
+                continue  # every module tensor was filled in place
+            if kind is EntryKind.OPTIMIZER:
+                _restore_optimizer_values(target, optimizer_values[name])
+            elif kind is EntryKind.TENSOR:
+                if not isinstance(target, torch.Tensor):
+                    state[name] = decode_skeleton(entry["value"], stored)
+            elif kind is EntryKind.STATEFUL:
+                target.load_state_dict(decode_skeleton(entry["value"], stored))
+            else:
+                state[name] = decode_skeleton(entry["value"], stored)
+
     def _restore(
         self,
         state: MutableMapping[str, Any],
@@ -998,7 +1129,7 @@ class Checkpointer:
         entry: Mapping[str, Any],
         manifest: Manifest,
         step_dir: Path,
-        module_names: Mapping[tuple[str, int], str],
+        module_names: Mapping[int, str],
     ) -> None:
         kind = EntryKind(entry["kind"])
         target = state[name]
@@ -1025,11 +1156,7 @@ class Checkpointer:
         elif kind is EntryKind.TENSOR:
             (tensor_name,) = skeleton_tensor_names(entry["value"])
             record = manifest.tensors[tensor_name]
-            if isinstance(target, LocalShard):
-                region = read_tensor(step_dir, record, target.offsets, tuple(target.tensor.shape))
-                with torch.no_grad():
-                    target.tensor.copy_(region)
-            elif isinstance(target, torch.Tensor):
+            if isinstance(target, torch.Tensor):
                 if tuple(target.shape) != record.shape:
                     raise ValueError(
                         f"tensor {name!r} has shape {tuple(target.shape)}; the checkpoint holds {record.shape}"
@@ -1048,7 +1175,7 @@ def _optimizer_by_id(
     entry: str,
     optimizer: torch.optim.Optimizer,
     saved: Mapping[str, Any],
-    module_names: Mapping[tuple[str, int], str],
+    module_names: Mapping[int, str],
 ) -> dict[str, Any]:
     """A torch optimizer state dict for ``optimizer`` built from a by-name saved one."""
     names = _optimizer_param_names(optimizer, module_names)
@@ -1080,6 +1207,67 @@ def _optimizer_by_id(
     return {"state": state, "param_groups": groups}
 
 
+_STORED_TENSOR = object()
+"""Stands for a tensor of a decoded skeleton whose values were already loaded in place."""
+
+
+def _create_optimizer_state(
+    entry: str,
+    optimizer: torch.optim.Optimizer,
+    skeleton: Any,
+    manifest: Manifest,
+    module_names: Mapping[int, str],
+) -> list[Any]:
+    """Give each parameter of a fresh optimizer the state tensors it had when saved, so
+    a sharded load can fill them in place: shaped and sharded like the parameter (Adam
+    moments) or a plain scalar (``step``). Returns the parameters given state."""
+    from bitscale.checkpoint.layout import annotate, state_shard
+
+    saved_state = decode_skeleton(skeleton, lambda n: manifest.tensors[n])["state"]
+    names = _optimizer_param_names(optimizer, module_names)
+    pairs = [
+        (param, pname)
+        for group, group_names in zip(optimizer.param_groups, names, strict=True)
+        for param, pname in zip(group["params"], group_names, strict=True)
+    ]
+    given = []
+    for param, pname in pairs:
+        if optimizer.state.get(param) or pname not in saved_state:
+            continue
+        shard = shard_of(param)
+        created: dict[str, Any] = {}
+        for key, record in saved_state[pname].items():
+            if not isinstance(record, TensorRecord):
+                continue
+            if tuple(record.shape) == shard.layout.shape:
+                value = torch.zeros_like(param.detach(), dtype=record.torch_dtype)
+                if not hasattr(value, "device_mesh") and has_layout(param):
+                    value = annotate(value, state_shard(shard, value))
+            elif math.prod(record.shape) == 1:
+                value = torch.zeros(record.shape, dtype=record.torch_dtype)
+            else:
+                raise ValueError(
+                    f"optimizer {entry!r}: saved state {key!r} of {pname!r} has shape "
+                    f"{tuple(record.shape)}, neither the parameter's {shard.layout.shape} nor a "
+                    "scalar; take one optimizer step before loading so the state exists"
+                )
+            created[key] = value
+        optimizer.state[param] = created
+        given.append(param)
+    return given
+
+
+def _restore_optimizer_values(optimizer: torch.optim.Optimizer, by_id: Mapping[str, Any]) -> None:
+    """Hyperparameters and non-tensor per-parameter state from ``by_id`` (a torch state
+    dict whose tensors stand for values already loaded in place)."""
+    for group, saved_group in zip(optimizer.param_groups, by_id["param_groups"], strict=True):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+        for param, param_id in zip(group["params"], saved_group["params"], strict=True):
+            for key, value in by_id["state"].get(param_id, {}).items():
+                if value is not _STORED_TENSOR:
+                    optimizer.state[param][key] = value
+
+
 def _merge_parts(step: int, parts: list[dict[str, Any]]) -> Manifest:
     """Rank 0's view: one manifest from every rank's files, chunks and records."""
     import bitscale
@@ -1104,20 +1292,20 @@ def _merge_parts(step: int, parts: list[dict[str, Any]]) -> Manifest:
                     f"tensor {name!r}: rank {rank} has {spec.dtype}{list(spec.global_shape)}, "
                     f"another rank {entry['dtype']}{list(entry['shape'])}"
                 )
-            if spec.written:
+            for key, offsets, shape in spec.chunks:
                 entry["chunks"].append(
-                    ChunkRecord(
-                        file=part["file_of"][name],
-                        key=name,
-                        offsets=spec.offsets,
-                        shape=spec.shape,
-                    )
+                    ChunkRecord(file=part["file_of"][key], key=key, offsets=offsets, shape=shape)
                 )
-    unwritten = [name for name, entry in tensors.items() if not entry["chunks"]]
+    unwritten = [
+        name
+        for name, entry in tensors.items()
+        if not entry["chunks"] and math.prod(entry["shape"]) > 0
+    ]
     if unwritten:
         raise CheckpointSaveError(
             f"tensors {unwritten} were given by other ranks but not by rank 0: plain tensors "
-            "count as replicated and rank 0 writes them; wrap rank-local tensors in LocalShard"
+            "count as replicated and rank 0 writes them; annotate() rank-local tensors with "
+            "their RankLayout"
         )
     manifest = Manifest(
         step=step,

@@ -26,7 +26,7 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -498,7 +498,8 @@ def has_layout(tensor: torch.Tensor) -> bool:
 
 def needs_universal_path(state: Mapping[str, Any]) -> bool:
     """Whether any tensor of ``state`` is sharded (annotated or a DTensor), so it must be
-    saved with :func:`save_sharded` and loaded with :func:`load_sharded`."""
+    loaded in place (``Checkpointer.load``, :func:`load_sharded`) rather than through
+    ``load_state_dict``."""
     _, tensors = flatten_state(state)
     return any(has_layout(tensor) for tensor in tensors.values())
 
@@ -899,15 +900,18 @@ def save_sharded(
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank(process_group) if distributed else 0
     world = dist.get_world_size(process_group) if distributed else 1
-    entries, tensors, aliases = _flatten(state)
-    for entry, kind in (kinds or {}).items():
-        entries[entry]["kind"] = str(kind)
-    shards = dict(shards or {})
     token = [storage.new_token() if rank == 0 else None]
     if world > 1:
         dist.broadcast_object_list(token, src=_global_rank(0, process_group), group=process_group)
     writer = StepWriter(root, step, rank=rank, file_bytes=file_bytes, token=token[0])
+    entries: dict[str, Any] = {}
+    report: Any = None
+    local_failure: BaseException | None = None
     try:
+        entries, tensors, aliases = _flatten(state)
+        for entry, kind in (kinds or {}).items():
+            entries[entry]["kind"] = str(kind)
+        shards = dict(shards or {})
         for name, tensor in tensors.items():
             shard = shards.get(name) or shard_of(tensor, rank=rank)
             layout = dataclasses.replace(shard.layout, tied_aliases=aliases.get(name, ()))
@@ -923,7 +927,16 @@ def save_sharded(
                 }
         writer.finish_files()
         report = (sorted(tensors), writer.files, writer.tensors)
-        reports = [None] * world if rank == 0 else None
+    except BaseException as error:
+        local_failure = error
+        if world == 1:
+            writer.discard()
+            raise
+        # A rank that fails still joins the gather below (reporting its error) so that
+        # every rank hears of it at once instead of waiting until the group times out.
+        report = f"rank {rank}: {type(error).__name__}: {error}"
+    try:
+        reports: list[Any] | None = [None] * world if rank == 0 else None
         if world > 1:
             dist.gather_object(
                 report, reports, dst=_global_rank(0, process_group), group=process_group
@@ -933,7 +946,12 @@ def save_sharded(
         failure: Exception | None = None
         if rank == 0:
             assert reports is not None
+            failed = [r for r in reports if isinstance(r, str)]
             try:
+                if failed:
+                    raise RuntimeError(
+                        f"saving step {step} failed, nothing was committed: {'; '.join(failed)}"
+                    )
                 _commit_reports(writer, entries, reports, world)
             except Exception as error:
                 failure = error
@@ -944,6 +962,8 @@ def save_sharded(
             dist.broadcast_object_list(
                 outcome, src=_global_rank(0, process_group), group=process_group
             )
+            if local_failure is not None:
+                raise local_failure
             if rank != 0 and outcome[0] is not None:
                 raise RuntimeError(f"rank 0 could not commit step {step}: {outcome[0]}")
         if failure is not None:
@@ -1082,12 +1102,25 @@ def _restore_values(
 
 
 def check_against(
-    manifest: Any, expected: Mapping[str, tuple[int, ...]], *, strict: bool = True
+    manifest: Any,
+    expected: Mapping[str, tuple[int, ...]],
+    *,
+    strict: bool = True,
+    within: Collection[str] | None = None,
 ) -> None:
     """Raise one ``ValueError`` listing, by name, the tensors ``expected`` (name -> logical
-    shape) lacks in ``manifest``, those it has in excess (``strict``), and mis-shaped ones."""
+    shape) lacks in ``manifest``, those it has in excess (``strict``; only under the
+    entries ``within`` when given), and mis-shaped ones."""
     missing = sorted(set(expected) - set(manifest.tensors))
-    unexpected = sorted(set(manifest.tensors) - set(expected)) if strict else []
+    unexpected = (
+        sorted(
+            name
+            for name in set(manifest.tensors) - set(expected)
+            if within is None or name.split("/", 1)[0] in within
+        )
+        if strict
+        else []
+    )
     misshaped = [
         f"{name}: checkpoint {tuple(manifest.tensors[name].shape)}, model {tuple(shape)}"
         for name, shape in expected.items()

@@ -13,10 +13,16 @@ import numpy as np
 import pytest
 import torch
 from bitscale.checkpoint import (
+    Box,
+    CheckpointDamagedWarning,
     Checkpointer,
     CheckpointSaveError,
-    LocalShard,
+    DataParallel,
+    FusedPart,
+    RankLayout,
     StateMutatedError,
+    TensorLayout,
+    annotate,
     latest_step,
     list_steps,
     read_manifest,
@@ -357,20 +363,19 @@ def test_bad_save_and_load_arguments(tmp_path: Path) -> None:
             checkpointer.load({"model": fresh, "optim": torch.optim.SGD(fresh.parameters(), lr=1)})
 
 
-def test_local_shard_checks_its_geometry() -> None:
-    with pytest.raises(ValueError, match="needs 2 offsets"):
-        LocalShard(torch.zeros(2, 3), (0,), (4, 3))
-    with pytest.raises(ValueError, match=r"dim 0: \[3, 5\) does not fit in size 4"):
-        LocalShard(torch.zeros(2, 3), (3, 0), (4, 3))
+def test_annotated_shard_must_fit_its_tensor() -> None:
+    shard = RankLayout(layout=TensorLayout(shape=(4, 3)), region=Box((2, 0), (2, 3)))
+    with pytest.raises(ValueError, match=r"local shape is \(2, 3\)"):
+        annotate(torch.zeros(3, 3), shard)
+    with pytest.raises(ValueError, match="lies outside the tensor shape"):
+        RankLayout(layout=TensorLayout(shape=(4, 3)), region=Box((3, 0), (2, 3)))
 
 
 def test_plain_tensors_given_only_by_other_ranks_are_refused() -> None:
     from bitscale.checkpoint.engine import _merge_parts, _TensorSpec
     from bitscale.checkpoint.format import RankRecord
 
-    spec = _TensorSpec(
-        dtype="float32", global_shape=(2,), offsets=(0,), shape=(2,), layout=None, written=False
-    )
+    spec = _TensorSpec(dtype="float32", global_shape=(2,), layout=None, chunks=[])
     parts = [
         {
             "rank": r,
@@ -381,5 +386,72 @@ def test_plain_tensors_given_only_by_other_ranks_are_refused() -> None:
         }
         for r in (0, 1)
     ]
-    with pytest.raises(CheckpointSaveError, match="wrap rank-local tensors in LocalShard"):
+    with pytest.raises(CheckpointSaveError, match="annotate"):
         _merge_parts(1, parts)
+
+
+def _zero_fragment(values: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """A ZeRO-style flat fragment of ``values``, padded past the end, annotated."""
+    padded = torch.cat([values.reshape(-1), torch.zeros(length, dtype=values.dtype)])
+    shard = RankLayout(
+        layout=TensorLayout(shape=tuple(values.shape)),
+        dp=DataParallel.FLAT,
+        dp_start=start,
+        dp_length=length,
+    )
+    return annotate(padded[start : start + length].clone(), shard)
+
+
+def test_annotated_shards_save_lazily_and_reload_resharded_with_fallback(
+    tmp_path: Path,
+) -> None:
+    """One process saves the whole of a padded vocabulary table and a flat fragment set;
+    loads into other shardings read only their parts, and a damaged newest step falls
+    back to the previous one for sharded targets too."""
+    vocab = TensorLayout(
+        shape=(5, 3),
+        padded_shape=(6, 3),
+        tp_dim=0,
+        parts=(FusedPart(name="vocab", tp_sizes=(6,)),),
+    )
+    values = {step: torch.arange(15, dtype=torch.float64).reshape(5, 3) * step for step in (1, 2)}
+    with Checkpointer(tmp_path, keep=None) as checkpointer:
+        for step, table in values.items():
+            padded = torch.cat([table, torch.full((1, 3), float("nan"), dtype=table.dtype)])
+            state = {
+                "table": annotate(padded, RankLayout(layout=vocab)),
+                "flat": _zero_fragment(table + 0.5, 0, 16),
+            }
+            checkpointer.save(step, state)
+        checkpointer.wait()
+    manifest = read_manifest(tmp_path / "step-00000002")
+    assert manifest.tensors["table"].shape == (5, 3), "vocabulary padding is never stored"
+    assert manifest.tensors["table"].layout["padded_shape"] == [6, 3]
+
+    # Corrupt step 2: the load warns and restores step 1 into a new sharding.
+    data_file = next((tmp_path / "step-00000002").glob("*.safetensors"))
+    with open(data_file, "r+b") as handle:
+        handle.truncate(data_file.stat().st_size - 8)
+    split = TensorLayout(
+        shape=(5, 3),
+        padded_shape=(6, 3),
+        tp_dim=0,
+        parts=(FusedPart(name="vocab", tp_sizes=(3, 3)),),
+    )
+    target = {
+        "table": annotate(
+            torch.full((3, 3), -1.0, dtype=torch.float64), RankLayout(layout=split, tp_rank=1)
+        ),
+        "flat": _zero_fragment(torch.zeros(5, 3, dtype=torch.float64), 8, 8),
+    }
+    with (
+        Checkpointer(tmp_path) as checkpointer,
+        pytest.warns(CheckpointDamagedWarning, match="step 2 .* is damaged"),
+    ):
+        assert checkpointer.load(target) == 1
+    expected_rows = torch.cat([values[1][3:], torch.zeros(1, 3, dtype=torch.float64)])
+    assert torch.equal(target["table"], expected_rows), "padding row is zero-filled"
+    expected_flat = torch.cat(
+        [(values[1] + 0.5).reshape(-1)[8:], torch.zeros(1, dtype=torch.float64)]
+    )
+    assert torch.equal(target["flat"], expected_flat)

@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from bitscale.checkpoint import (
+    Box,
     Checkpointer,
     CheckpointSaveError,
-    LocalShard,
+    RankLayout,
+    TensorLayout,
+    annotate,
     list_steps,
     read_manifest,
     verify,
@@ -28,6 +31,13 @@ def _full_table() -> torch.Tensor:
     return torch.arange(2 * ROWS_PER_RANK * COLS, dtype=torch.float32).reshape(-1, COLS) * 1.5
 
 
+def _rows(tensor: torch.Tensor, first_row: int) -> torch.Tensor:
+    """``tensor`` annotated as rows ``first_row...`` of the full table."""
+    region = Box((first_row, 0), tuple(tensor.shape))
+    shard = RankLayout(layout=TensorLayout(shape=tuple(_full_table().shape)), region=region)
+    return annotate(tensor, shard)
+
+
 class _NoSpaceStorage(LocalStorage):
     def open_writer(self, path: Path) -> FileWriter:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
@@ -37,9 +47,7 @@ def save_and_load_on_ranks(rank: int, world_size: int, root: str) -> dict:
     torch.manual_seed(0)
     model = nn.Linear(4, 3)  # replicated: only rank 0 writes it
     rows = slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
-    shard = LocalShard(
-        _full_table()[rows].clone(), (rank * ROWS_PER_RANK, 0), tuple(_full_table().shape)
-    )
+    shard = _rows(_full_table()[rows].clone(), rank * ROWS_PER_RANK)
     result: dict = {}
     with Checkpointer(root, keep=2) as checkpointer:
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -53,15 +61,13 @@ def save_and_load_on_ranks(rank: int, world_size: int, root: str) -> dict:
 
         torch.manual_seed(99)
         fresh = nn.Linear(4, 3)
-        fresh_shard = LocalShard(
-            torch.zeros(ROWS_PER_RANK, COLS), shard.offsets, shard.global_shape
-        )
+        fresh_shard = _rows(torch.zeros(ROWS_PER_RANK, COLS), rank * ROWS_PER_RANK)
         state = {"model": fresh, "table": fresh_shard, "meta": None}
         result["loaded"] = checkpointer.load(state)
         result["model_equal"] = all(
             torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters(), strict=True)
         )
-        result["shard_equal"] = torch.equal(fresh_shard.tensor, shard.tensor)
+        result["shard_equal"] = torch.equal(fresh_shard, shard)
         result["meta"] = state["meta"]
 
     # A save that fails on rank 1 only: both ranks hear of it, nothing is committed.

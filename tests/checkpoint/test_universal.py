@@ -1,13 +1,15 @@
 """Universal checkpoints end to end: save sharded on N ranks, load on M, bitwise.
 
-One 4-process gloo run saves the same logical state at N = 1, 2 and 4 (subgroups of
-the 4 processes) with every layout kind (vocabulary-parallel with padding, tied head,
+One 4-process gloo run saves (lazily, through ``Checkpointer.save``) the same logical
+state at N = 1, 2 and 4 (subgroups of the 4 processes) with every layout kind (vocabulary-parallel with padding, tied head,
 fused GQA q/k/v with uneven TP widths, row-parallel uneven, ZeRO flat fragments with
 padding, FSDP-style uneven rows, replicated, scalar), then loads each into M = 1, 2,
 3, 4 and 8 target ranks spread over the 4 processes. Local tensors are built by an
 oracle (narrow / cat / flatten, as the frameworks do), independently of the layout
 code, and compared bitwise. DTensors on a 2x2 mesh (replicated and sharded axes) go
-through the same path via their placements.
+through the same path via their placements. A save that fails on one rank before
+the commit gather surfaces at once on every rank, for ``Checkpointer`` and
+``save_sharded`` alike.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from bitscale.checkpoint import Checkpointer, CheckpointSaveError
 from bitscale.checkpoint.format import read_manifest
 from bitscale.checkpoint.layout import (
     DataParallel,
@@ -148,13 +152,13 @@ def save_then_load_everywhere(rank: int, world_size: int, root: str) -> dict:
     for saved_world in SAVE_WORLDS:
         # new_group is collective over the default group: every process calls it.
         group = dist.new_group(list(range(saved_world)))
-        if rank < saved_world:
-            save_sharded(
-                Path(root) / f"n{saved_world}",
-                100 + saved_world,
-                model_state(saved_world, rank, empty=False),
-                process_group=group,
-            )
+        if rank >= saved_world:
+            # Only the group saves; its Checkpointer's commit group is made by new_group.
+            dist.new_group(list(range(saved_world)), backend="gloo")
+            continue
+        folder = Path(root) / f"n{saved_world}"
+        with Checkpointer(folder, process_group=group, writer_threads=1) as checkpointer:
+            checkpointer.save(100 + saved_world, model_state(saved_world, rank, empty=False))
     dist.barrier()
     loaded = {}
     for saved_world in SAVE_WORLDS:
@@ -176,7 +180,37 @@ def save_then_load_everywhere(rank: int, world_size: int, root: str) -> dict:
         loaded["mismatch"] = "saved"
     except (ValueError, RuntimeError) as error:
         loaded["mismatch"] = f"{type(error).__name__}: {error}"
+    loaded["early_failure"] = fail_on_rank_1_before_gather(root, rank)
     return loaded
+
+
+def fail_on_rank_1_before_gather(root: str, rank: int) -> dict[str, tuple[str, float]]:
+    """Rank 1 cannot even plan its part (an object that is not checkpointable): every
+    rank must learn so within seconds, not after the process group's 30-minute timeout."""
+    state = {"x": torch.ones(2), "y": object() if rank == 1 else 0}
+    outcomes: dict[str, tuple[str, float]] = {}
+    started = time.monotonic()
+    try:
+        save_sharded(Path(root) / "early", 1, state)
+        outcomes["save_sharded"] = ("saved", time.monotonic() - started)
+    except (TypeError, RuntimeError) as error:
+        outcomes["save_sharded"] = (f"{type(error).__name__}: {error}", time.monotonic() - started)
+    with Checkpointer(Path(root) / "early_lazy", keep=None) as checkpointer:
+        started = time.monotonic()
+        try:
+            checkpointer.save(1, state)
+            checkpointer.wait()
+            outcomes["checkpointer"] = ("saved", time.monotonic() - started)
+        except (TypeError, CheckpointSaveError) as error:
+            outcomes["checkpointer"] = (
+                f"{type(error).__name__}: {error}",
+                time.monotonic() - started,
+            )
+        # Every rank still takes part in the same commits: the next save works.
+        checkpointer.save(2, {"x": torch.ones(2)})
+        checkpointer.wait()
+        outcomes["steps_after"] = (str(checkpointer.list_steps()), 0.0)
+    return outcomes
 
 
 def dtensor_round_trips(root: str) -> list[bool]:
@@ -204,10 +238,21 @@ def test_save_n_load_m_bitwise_every_layout(tmp_path: Path) -> None:
     results = run_on_ranks(save_then_load_everywhere, 4, str(tmp_path), timeout=180)
     for rank, per_rank in enumerate(results):
         assert per_rank.pop("dtensor") == [True] * 4
+        early = per_rank.pop("early_failure")
+        assert early["steps_after"][0] == "[2]"
+        for api in ("save_sharded", "checkpointer"):
+            message, seconds = early[api]
+            assert seconds < 30, (api, seconds)
+            assert "cannot checkpoint object at 'y'" in message, (api, message)
+            if rank == 1:
+                assert message.startswith("TypeError"), message
+            else:
+                assert "rank 1" in message, message
         mismatch = per_rank.pop("mismatch")
         assert "every rank must save the same names" in mismatch, mismatch
         assert mismatch.startswith("ValueError" if rank == 0 else "RuntimeError: rank 0 could not")
     assert list((tmp_path / "mismatch").iterdir()) == [], "a refused save leaves nothing"
+    assert list((tmp_path / "early").iterdir()) == []
     loaded = {key: value for per_rank in results for key, value in per_rank.items()}
     expected_keys = {(n, m, r) for n in SAVE_WORLDS for m in LOAD_WORLDS for r in range(m)}
     assert set(loaded) == expected_keys

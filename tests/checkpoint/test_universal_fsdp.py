@@ -1,7 +1,10 @@
 """An FSDP2 (``fully_shard``) model + AdamW saved at world 4 resumes at worlds 2 and 3.
 
 One 4-process gloo run: train 2 steps at world 4 (uneven ``Shard(0)`` rows: 7 rows over
-4 ranks), save; then resume on sub-meshes of 2 and 3 ranks and train 5 more steps.
+4 ranks), save with ``Checkpointer.save``; then resume with ``Checkpointer.load`` into
+fresh models and optimizers on sub-meshes of 2 and 3 ranks and train 5 more steps.
+The save is lazy: it returns, and training takes a step, while the writers are still
+held back, so nothing is durable yet; the committed step holds the state of the save.
 Resumed parameters and Adam moments equal the saved ones bitwise, and the 5 losses and
 final weights match a plain single-process run of the same 7 steps (rtol 1e-5: the
 data-parallel reduction order differs). The same state saved with
@@ -10,14 +13,16 @@ data-parallel reduction order differs). The same state saved with
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from bitscale.checkpoint.format import read_manifest, read_tensor
-from bitscale.checkpoint.interop_dcp import import_dcp
-from bitscale.checkpoint.layout import load_sharded, save_sharded
+from bitscale.checkpoint import Checkpointer, import_dcp, latest_step, read_manifest
+from bitscale.checkpoint.format import read_tensor
+from bitscale.checkpoint.storage import FileWriter, LocalStorage
 from torch import nn
 
 from bitscale.testing import run_on_ranks
@@ -59,18 +64,15 @@ def model_group(model: nn.Module) -> dist.ProcessGroup:
     return next(model.parameters()).device_mesh.get_group()
 
 
-def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create every state tensor (a step with zero gradients and lr 0) so a load can fill
-    them in place; AdamW's decay factor is 1 - lr * wd = 1, so parameters stay put."""
-    lrs = [group["lr"] for group in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group["lr"] = 0.0
-        for param in group["params"]:
-            param.grad = torch.zeros_like(param)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
-        group["lr"] = lr
+class GatedStorage(LocalStorage):
+    """Data files open only once ``gate`` is set: nothing can become durable before."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+
+    def open_writer(self, path: Path) -> FileWriter:
+        self.gate.wait()
+        return super().open_writer(path)
 
 
 def sharded_model(mesh: object) -> nn.Module:
@@ -106,20 +108,39 @@ def save_at_4_resume_at_2_and_3(rank: int, world_size: int, root: str) -> dict:
     for step in range(STEPS_BEFORE):
         train_step(model, optimizer, step, rank, 4)
     results["saved"] = full_state(model, optimizer)
-    save_sharded(root, STEPS_BEFORE, {"model": model, "optim": optimizer})
     # The same sharded state through torch.distributed.checkpoint, for the import test.
     import torch.distributed.checkpoint as dcp
 
     dcp.save({"model": model.state_dict()}, checkpoint_id=str(Path(root) / "dcp4"))
+    storage = GatedStorage()
+    with Checkpointer(root, keep=1, storage=storage) as checkpointer:
+        checkpointer.attach(optimizer)
+        checkpointer.save(1, {"model": model, "optim": optimizer})
+        storage.gate.set()
+        checkpointer.wait()
+        storage.gate = threading.Event()
+        started = time.perf_counter()
+        checkpointer.save(STEPS_BEFORE, {"model": model, "optim": optimizer})
+        results["save_seconds"] = time.perf_counter() - started
+        results["durable_after_save"] = latest_step(root) == STEPS_BEFORE
+        # Training goes on while the step is being written: the pre-step hook lets the
+        # optimizer change only tensors whose copies are done.
+        train_step(model, optimizer, STEPS_BEFORE, rank, 4)
+        results["durable_after_training_step"] = latest_step(root) == STEPS_BEFORE
+        storage.gate.set()
+        checkpointer.wait()
+        results["steps"] = checkpointer.list_steps()
     for world in (2, 3):
         # Every process builds the sub-mesh (new_group is collective); only members use it.
         mesh = DeviceMesh("cpu", list(range(world)))
         if rank >= world:
+            # The Checkpointer's commit group is made by new_group, collective over all.
+            dist.new_group(ranks=list(range(world)), backend="gloo")
             continue
         model = sharded_model(mesh)
-        optimizer = make_optimizer(model)
-        init_optimizer_state(optimizer)
-        step = load_sharded(root, {"model": model, "optim": optimizer})
+        optimizer = make_optimizer(model)  # no state yet: load creates it
+        with Checkpointer(root, process_group=mesh.get_group()) as checkpointer:
+            step = checkpointer.load({"model": model, "optim": optimizer})
         assert step == STEPS_BEFORE
         loaded = full_state(model, optimizer)
         losses = [
@@ -149,6 +170,19 @@ def reference_run() -> tuple[list[float], dict[str, torch.Tensor]]:
 def test_fsdp2_adamw_saved_at_4_resumes_at_2_and_3(tmp_path: Path) -> None:
     results = run_on_ranks(save_at_4_resume_at_2_and_3, 4, str(tmp_path), timeout=240)
     saved = results[0]["saved"]
+    for result in results:
+        assert not result["durable_after_save"] and not result["durable_after_training_step"]
+        assert result["steps"] == [STEPS_BEFORE], "keep=1 removed step 1"
+    manifest = read_manifest(tmp_path / f"step-{STEPS_BEFORE:08d}")
+    weight = manifest.tensors["model/0.weight"]
+    # 7 rows over 4 ranks: torch.chunk gives 2, 2, 2, 1; each rank wrote its own rows.
+    assert sorted((c.offsets, c.shape, c.file[:9]) for c in weight.chunks) == [
+        ((2 * r, 0), (2 if r < 3 else 1, 5), f"rank{r:05d}") for r in range(4)
+    ]
+    assert weight.layout["source"].startswith("dtensor")
+    # Adam's step counter is a plain tensor on every rank: rank 0 stores it once.
+    (step_chunk,) = manifest.tensors["optim/state/model/0.weight/step"].chunks
+    assert step_chunk.file.startswith("rank00000")
     reference_losses, reference_params = reference_run()
     for world in (2, 3):
         resumed = results[0][world]
