@@ -12,6 +12,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/pytest
 
+bench: $(STAMP)
+	$(VENV)/bin/bitscale bench run --quick
+	$(VENV)/bin/bitscale bench report
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
