@@ -68,7 +68,10 @@ from bitscale.checkpoint.layout import (
     flatten_state,
     has_layout,
     load_shard,
+    memory_key,
+    module_param_names,
     needs_universal_path,
+    optimizer_param_names,
     owned_chunks,
     shard_of,
 )
@@ -246,14 +249,7 @@ class _Registry:
             )
         if local.device.type == "meta":
             raise TypeError(f"tensor at {'/'.join(path)!r} is on the meta device: it has no data")
-        memory = (
-            str(local.device),
-            local.untyped_storage().data_ptr(),
-            local.storage_offset(),
-            tuple(local.shape),
-            local.stride(),
-            local.dtype,
-        )
+        memory = memory_key(local)
         if local.numel() and memory in self._by_memory:
             name = self._by_memory[memory]
             self._aliases.setdefault(name, []).append("/".join(path))
@@ -304,32 +300,12 @@ class _Registry:
             spec.layout = layout.to_json()
 
 
-def _module_param_names(state: Mapping[str, Any]) -> dict[int, str]:
-    """``id(param) -> "entry/param.name"`` over the modules of ``state``. By identity, not
-    memory: every empty shard (a rank that owns no rows of a DTensor) has address 0."""
-    names: dict[int, str] = {}
-    for entry, obj in state.items():
-        if isinstance(obj, nn.Module):
-            for pname, param in obj.named_parameters(remove_duplicate=False):
-                names.setdefault(id(param), f"{entry}/{pname}")
-    return names
-
-
-def _optimizer_param_names(
-    optimizer: torch.optim.Optimizer, module_names: Mapping[int, str]
-) -> list[list[str]]:
-    return [
-        [module_names.get(id(p), f"#{g}.{j}") for j, p in enumerate(group["params"])]
-        for g, group in enumerate(optimizer.param_groups)
-    ]
-
-
 def _optimizer_by_name(
     optimizer: torch.optim.Optimizer, module_names: Mapping[int, str]
 ) -> dict[str, Any]:
     """``optimizer.state_dict()`` with parameter ids replaced by parameter names."""
     state_dict = optimizer.state_dict()
-    names = _optimizer_param_names(optimizer, module_names)
+    names = optimizer_param_names(optimizer, module_names)
     id_to_name: dict[int, str] = {}
     groups = []
     for group_names, group in zip(names, state_dict["param_groups"], strict=True):
@@ -601,7 +577,7 @@ class Checkpointer:
         self._commit_queue.put(job)
 
     def _plan(self, step: int, state: Mapping[str, Any]) -> _SaveJob:
-        module_names = _module_param_names(state)
+        module_names = module_param_names(state)
         lazy_keys = {
             _tensor_key(param)
             for obj in state.values()
@@ -1010,7 +986,7 @@ class Checkpointer:
                 f"step {chosen} under {self.root} has no entries {missing}; it holds "
                 f"{sorted(record.entries)}"
             )
-        module_names = _module_param_names(state)
+        module_names = module_param_names(state)
         if needs_universal_path(state):
             self._load_in_place(state, record.entries, manifest, step_dir, module_names)
         else:
@@ -1178,7 +1154,7 @@ def _optimizer_by_id(
     module_names: Mapping[int, str],
 ) -> dict[str, Any]:
     """A torch optimizer state dict for ``optimizer`` built from a by-name saved one."""
-    names = _optimizer_param_names(optimizer, module_names)
+    names = optimizer_param_names(optimizer, module_names)
     saved_groups = saved["param_groups"]
     if len(saved_groups) != len(names):
         raise ValueError(
@@ -1224,7 +1200,7 @@ def _create_optimizer_state(
     from bitscale.checkpoint.layout import annotate, state_shard
 
     saved_state = decode_skeleton(skeleton, lambda n: manifest.tensors[n])["state"]
-    names = _optimizer_param_names(optimizer, module_names)
+    names = optimizer_param_names(optimizer, module_names)
     pairs = [
         (param, pname)
         for group, group_names in zip(optimizer.param_groups, names, strict=True)

@@ -24,9 +24,7 @@ from bitscale.checkpoint.format import (
     EntryKind,
     decode_skeleton,
     encode_skeleton,
-    read_manifest,
     read_tensor,
-    step_dir_name,
 )
 from bitscale.checkpoint.layout import StepWriter
 
@@ -162,14 +160,9 @@ def export_dcp(
     ``set_state_dict`` restores them. Returns the step written.
     """
     import torch.distributed.checkpoint as dcp
-    from bitscale.checkpoint.storage import latest_step
+    from bitscale.checkpoint.storage import read_step_manifest
 
-    root = Path(root)
-    step = latest_step(root) if step is None else step
-    if step is None:
-        raise ValueError(f"no committed bitscale checkpoint under {root}")
-    step_dir = root / step_dir_name(step)
-    manifest = read_manifest(step_dir)
+    step, step_dir, manifest = read_step_manifest(root, step)
     record = manifest.ranks[0]
     state: dict[str, Any] = {}
     for entry, saved in record.entries.items():

@@ -33,9 +33,7 @@ from bitscale.checkpoint.format import (
     EntryKind,
     decode_skeleton,
     encode_skeleton,
-    read_manifest,
     read_tensor,
-    step_dir_name,
 )
 from bitscale.checkpoint.layout import (
     DataParallel,
@@ -250,14 +248,9 @@ def export_deepspeed_universal(
     ``engine.load_checkpoint(out_dir)`` under ZeRO-1, 2 or 3 at any data-parallel size.
     """
     import deepspeed
-    from bitscale.checkpoint.storage import LocalStorage, latest_step, new_token
+    from bitscale.checkpoint.storage import LocalStorage, new_token, read_step_manifest
 
-    root = Path(root)
-    step = latest_step(root) if step is None else step
-    if step is None:
-        raise ValueError(f"no committed bitscale checkpoint under {root}")
-    step_dir = root / step_dir_name(step)
-    manifest = read_manifest(step_dir)
+    step, step_dir, manifest = read_step_manifest(root, step)
     entries = manifest.ranks[0].entries
     for entry, kind in ((model_entry, EntryKind.MODULE), (optimizer_entry, EntryKind.OPTIMIZER)):
         if entries.get(entry, {}).get("kind") != str(kind):

@@ -21,10 +21,8 @@ from typing import Any
 import torch
 from bitscale.checkpoint.format import (
     EntryKind,
-    read_manifest,
     safetensors_header,
     skeleton_tensor_names,
-    step_dir_name,
 )
 from bitscale.checkpoint.reshard import Box, ChunkReader
 
@@ -67,15 +65,10 @@ def export_hf(
     dtype. Returns ``out_dir``. Raises ``ValueError`` when the checkpoint has no such
     module entry or ``out_dir`` exists and is not empty; nothing is written then.
     """
-    from bitscale.checkpoint.storage import LocalStorage, latest_step, new_token
+    from bitscale.checkpoint.storage import LocalStorage, new_token, read_step_manifest
 
-    root = Path(root)
     out_dir = Path(out_dir)
-    step = latest_step(root) if step is None else step
-    if step is None:
-        raise ValueError(f"no committed bitscale checkpoint under {root}")
-    step_dir = root / step_dir_name(step)
-    manifest = read_manifest(step_dir)
+    step, step_dir, manifest = read_step_manifest(root, step)
     entries = manifest.ranks[0].entries
     if entry not in entries or entries[entry]["kind"] != str(EntryKind.MODULE):
         modules = sorted(n for n, e in entries.items() if e["kind"] == str(EntryKind.MODULE))

@@ -52,7 +52,10 @@ __all__ = [
     "holds_origin",
     "load_shard",
     "load_sharded",
+    "memory_key",
+    "module_param_names",
     "optimizer_by_name",
+    "optimizer_param_names",
     "owned_chunks",
     "piece_view",
     "save_sharded",
@@ -335,36 +338,33 @@ class RankLayout:
                 (self.dp_start, *(0,) * (len(tp_shape) - 1)),
                 (self.dp_length, *tp_shape[1:]),
             )
-            for logical, local in tp_pairs:
-                common = local.intersect(rows)
-                if common is None or not common.numel:
-                    continue
-                pieces.append(
-                    Piece(
-                        common.relative_to(local.offsets).translated(logical.offsets),
-                        0,
-                        self.local_shape,
-                        common.relative_to(rows.offsets),
-                    )
-                )
-            return pieces
+            return _pieces_within(tp_pairs, 0, rows)
         total = math.prod(tp_shape)
         start = min(self.dp_start, total)
         stop = min(self.dp_start + self.dp_length, total)
         for flat_offset, run in flat_range_boxes(tp_shape, start, stop):
-            for logical, local in tp_pairs:
-                common = local.intersect(run)
-                if common is None or not common.numel:
-                    continue
-                pieces.append(
-                    Piece(
-                        common.relative_to(local.offsets).translated(logical.offsets),
-                        flat_offset,
-                        run.shape,
-                        common.relative_to(run.offsets),
-                    )
-                )
+            pieces.extend(_pieces_within(tp_pairs, flat_offset, run))
         return pieces
+
+
+def _pieces_within(tp_pairs: Sequence[tuple[Box, Box]], flat_offset: int, held: Box) -> list[Piece]:
+    """The non-empty pieces of the box ``held`` of the TP-local tensor that a rank holds
+    from its flat element ``flat_offset`` on, viewed as ``held.shape``, one for each
+    ``(logical box, TP-local box)`` pair of ``tp_pairs`` it meets."""
+    pieces = []
+    for logical, local in tp_pairs:
+        common = local.intersect(held)
+        if common is None or not common.numel:
+            continue
+        pieces.append(
+            Piece(
+                common.relative_to(local.offsets).translated(logical.offsets),
+                flat_offset,
+                held.shape,
+                common.relative_to(held.offsets),
+            )
+        )
+    return pieces
 
 
 def chunk_key(name: str, box: Box) -> str:
@@ -810,13 +810,13 @@ def _flatten(
     aliases: dict[str, tuple[str, ...]] = {}
 
     def on_tensor(path: tuple[str, ...], tensor: torch.Tensor) -> str:
-        name = seen.setdefault(_memory_key(tensor), "/".join(path))
+        name = seen.setdefault(memory_key(tensor), "/".join(path))
         tensors.setdefault(name, tensor)
         if name != "/".join(path):
             aliases[name] = (*aliases.get(name, ()), "/".join(path))
         return name
 
-    param_names = _param_names(state)
+    param_names = module_param_names(state)
     entries = {}
     for entry, value in state.items():
         if isinstance(value, nn.Module):
@@ -833,14 +833,27 @@ def _flatten(
     return entries, tensors, aliases
 
 
-def _param_names(state: Mapping[str, Any]) -> dict[int, str]:
-    """``id(param) -> "entry/param.name"`` over the modules of ``state``."""
+def module_param_names(state: Mapping[str, Any]) -> dict[int, str]:
+    """``id(param) -> "entry/param.name"`` over the modules of ``state``. By identity, not
+    memory: every empty shard (a rank that owns no rows of a DTensor) has address 0."""
     names: dict[int, str] = {}
     for entry, value in state.items():
         if isinstance(value, nn.Module):
             for pname, param in value.named_parameters(remove_duplicate=False):
                 names.setdefault(id(param), f"{entry}/{pname}")
     return names
+
+
+def optimizer_param_names(
+    optimizer: torch.optim.Optimizer, param_names: Mapping[int, str]
+) -> list[list[str]]:
+    """The name of each parameter of each of ``optimizer``'s groups (``param_names``:
+    ``id(param)`` -> name, see :func:`module_param_names`); a parameter of no module is
+    ``"#group.index"``."""
+    return [
+        [param_names.get(id(p), f"#{g}.{j}") for j, p in enumerate(group["params"])]
+        for g, group in enumerate(optimizer.param_groups)
+    ]
 
 
 def optimizer_by_name(
@@ -850,18 +863,19 @@ def optimizer_by_name(
     name) with its live state tensors: ``{"state": {name: {...}}, "param_groups": [...]}``."""
     state: dict[str, Any] = {}
     groups = []
-    for g, group in enumerate(optimizer.param_groups):
-        names = []
-        for j, param in enumerate(group["params"]):
-            name = param_names.get(id(param), f"#{g}.{j}")
-            names.append(name)
+    all_names = optimizer_param_names(optimizer, param_names)
+    for group, names in zip(optimizer.param_groups, all_names, strict=True):
+        for param, name in zip(group["params"], names, strict=True):
             if param in optimizer.state:
                 state[name] = dict(optimizer.state[param])
         groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": names})
     return {"state": state, "param_groups": groups}
 
 
-def _memory_key(tensor: torch.Tensor) -> tuple:
+def memory_key(tensor: torch.Tensor) -> tuple:
+    """What makes two tensors the same values in memory (for a DTensor, its local shard's):
+    device, storage address, offset, shape, strides and dtype. An empty tensor is only
+    itself: every empty one has address 0."""
     local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
     if not local.numel():
         return ("empty", id(tensor))
@@ -1062,7 +1076,7 @@ def load_sharded(
         for name, local, shard in plan:
             with torch.no_grad():
                 load_shard(reader, name, manifest.tensors[name], local, shard)
-    names = _param_names(state)
+    names = module_param_names(state)
     for entry, target in list(state.items()):
         _restore_values(state, entry, target, saved_entries[entry], names, tensors)
     return step
@@ -1090,10 +1104,11 @@ def _restore_values(
                 f"optimizer {entry!r} has {len(target.param_groups)} parameter groups; the "
                 f"checkpoint has {len(groups)}"
             )
-        for g, (group, saved_group) in enumerate(zip(target.param_groups, groups, strict=True)):
+        names = optimizer_param_names(target, param_names)
+        for group, saved_group, group_names in zip(target.param_groups, groups, names, strict=True):
             group.update({k: v for k, v in saved_group.items() if k != "params"})
-            for j, param in enumerate(group["params"]):
-                saved_state = values["state"].get(param_names.get(id(param), f"#{g}.{j}"), {})
+            for param, name in zip(group["params"], group_names, strict=True):
+                saved_state = values["state"].get(name, {})
                 for key, value in saved_state.items():
                     if not isinstance(value, torch.Tensor):
                         target.state[param][key] = value

@@ -38,6 +38,7 @@ from bitscale.checkpoint.format import (
     ManifestError,
     StrEnum,
     parse_step_dir_name,
+    read_manifest,
     step_dir_name,
     validate_manifest,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "latest_step",
     "list_steps",
     "read_latest_pointer",
+    "read_step_manifest",
     "temp_dir_name",
     "verify",
 ]
@@ -214,6 +216,19 @@ def latest_step(root: str | os.PathLike[str]) -> int | None:
     """The newest committed step under ``root``, or ``None`` when there is none."""
     steps = list_steps(root)
     return steps[-1] if steps else None
+
+
+def read_step_manifest(
+    root: str | os.PathLike[str], step: int | None = None
+) -> tuple[int, Path, Manifest]:
+    """Step ``step`` (default: the newest committed one) under ``root``: its number, its
+    folder and its manifest. Raises ``ValueError`` when ``root`` has no committed step."""
+    root = Path(root)
+    step = latest_step(root) if step is None else step
+    if step is None:
+        raise ValueError(f"no committed bitscale checkpoint under {root}")
+    step_dir = root / step_dir_name(step)
+    return step, step_dir, read_manifest(step_dir)
 
 
 def read_latest_pointer(root: str | os.PathLike[str]) -> int | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TypeVar
 
 __all__ = [
     "ACTIVATION_BITS",
@@ -55,22 +56,26 @@ class QuantMethod(StrEnum):
     """Scale mean|x| / 2^(bits-1): the optimal 1-bit (XNOR) scale, generalized."""
 
 
+_Choice = TypeVar("_Choice", bound=StrEnum)
+
+
+def _parse_choice(choices: type[_Choice], value: object, name: str) -> _Choice:
+    """``value`` as a member of ``choices``, or a ValueError listing the allowed names."""
+    try:
+        return choices(value)
+    except ValueError:
+        allowed = ", ".join(repr(choice.value) for choice in choices)
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}") from None
+
+
 def parse_method(method: object) -> QuantMethod:
     """Return ``method`` as a QuantMethod, or raise ValueError listing the allowed names."""
-    try:
-        return QuantMethod(method)
-    except ValueError:
-        allowed = ", ".join(repr(m.value) for m in QuantMethod)
-        raise ValueError(f"method must be one of {allowed}, got {method!r}") from None
+    return _parse_choice(QuantMethod, method, "method")
 
 
 def parse_backend(backend: object) -> Backend:
     """Return ``backend`` as a Backend, or raise ValueError listing the allowed names."""
-    try:
-        return Backend(backend)
-    except ValueError:
-        allowed = ", ".join(repr(b.value) for b in Backend)
-        raise ValueError(f"backend must be one of {allowed}, got {backend!r}") from None
+    return _parse_choice(Backend, backend, "backend")
 
 
 def check_bits(bits: object, name: str = "bits") -> int:

@@ -10,41 +10,40 @@ scaled once per K-group.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from bitscale.kernels._triton_common import (
+    INTERPRETED,
+    autotune_configs,
+    m_bucket,
+    store_dtype,
+    tile_grid,
+    unpack_weight_codes,
+)
 from bitscale.kernels.reference import PackedWeight
 
 __all__ = ["INTERPRETED", "bipolar_linear_a16"]
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). BLOCK_N = 32 tiles keep >= 128
+# programs busy at M <= 16, N = 4096 (132 SMs on an H100), where the weight read is
+# the whole cost.
+_A16_TILES = (
+    (16, 32, 128, 4, 4),
+    (16, 32, 256, 4, 3),
+    (16, 64, 128, 4, 4),
+    (16, 128, 128, 4, 4),
+    (16, 256, 64, 4, 4),
+    (32, 128, 64, 4, 4),
+    (64, 128, 64, 4, 3),
+    (128, 128, 64, 8, 3),
+    (128, 256, 64, 8, 3),
+)
 
 
-def _a16_configs() -> list[triton.Config]:
-    if INTERPRETED:
-        # One config (autotune would run them all); tiles the GPU compiler accepts.
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        # BLOCK_N = 32 tiles keep >= 128 programs busy at M <= 16, N = 4096
-        # (132 SMs on an H100), where the weight read is the whole cost.
-        for bm, bn, bk, w, s in (
-            (16, 32, 128, 4, 4),
-            (16, 32, 256, 4, 3),
-            (16, 64, 128, 4, 4),
-            (16, 128, 128, 4, 4),
-            (16, 256, 64, 4, 4),
-            (32, 128, 64, 4, 4),
-            (64, 128, 64, 4, 3),
-            (128, 128, 64, 8, 3),
-            (128, 256, 64, 8, 3),
-        )
-    ]
-
-
-@triton.autotune(configs=_a16_configs(), key=["M_BUCKET", "N", "K", "GROUP_K", "W_BITS"])
+@triton.autotune(
+    configs=autotune_configs(_A16_TILES), key=["M_BUCKET", "N", "K", "GROUP_K", "W_BITS"]
+)
 @triton.jit
 def _bipolar_a16_kernel(
     x_ptr,
@@ -89,13 +88,18 @@ def _bipolar_a16_kernel(
                 mask=m_mask[:, None] & in_group[None, :],
                 other=0.0,
             )
-            w_byte_KN = w_ptr + (k // 8)[:, None] + offs_n[None, :] * stride_wn
-            w_shift_K1 = (k % 8)[:, None]
-            w_mask = in_group[:, None] & n_mask[None, :]
-            u_KN = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.int32)
-            for j in tl.static_range(W_BITS):
-                plane = tl.load(w_byte_KN + j * stride_wplane, mask=w_mask, other=0)
-                u_KN += ((plane.to(tl.int32) >> w_shift_K1) & 1) << j
+            u_KN = unpack_weight_codes(
+                w_ptr,
+                k,
+                offs_n,
+                in_group,
+                n_mask,
+                stride_wplane,
+                stride_wn,
+                W_BITS,
+                BLOCK_K,
+                BLOCK_N,
+            )
             level_KN = 2 * u_KN - ((1 << W_BITS) - 1)
             if DOT_FP32:
                 acc = tl.dot(
@@ -128,16 +132,12 @@ def bipolar_linear_a16(
         raise ValueError("the packed weight's planes and scales must be contiguous")
     if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_contiguous()):
         raise ValueError(f"bias must be a contiguous ({n},) tensor")
-    out = torch.empty((m, n), dtype=_store_dtype(x.dtype), device=x.device)
+    out = torch.empty((m, n), dtype=store_dtype(x.dtype), device=x.device)
     if m == 0:
         return out.to(x.dtype)
     fp32 = x.dtype == torch.float32
     group_k = weight.group_k
-
-    def grid(meta: dict) -> tuple[int, int]:
-        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
-
-    _bipolar_a16_kernel[grid](
+    _bipolar_a16_kernel[tile_grid(m, n)](
         x,
         planes,
         weight.scales,
@@ -152,7 +152,7 @@ def bipolar_linear_a16(
         planes.stride(0),
         planes.stride(1),
         out.stride(0),
-        min(triton.next_power_of_2(m), 4096),
+        m_bucket(m),
         W_BITS=weight.bits,
         HAS_BIAS=bias is not None,
         # The interpreter's bf16/fp16 tl.dot is wrong: dot in float32 there. On a GPU
@@ -161,9 +161,3 @@ def bipolar_linear_a16(
         PRECISION="ieee" if INTERPRETED or fp32 else "tf32",
     )
     return out.to(x.dtype)
-
-
-def _store_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The interpreter's float32 -> bf16 cast truncates (GPUs round to nearest even):
-    there the kernel stores float32 and torch rounds."""
-    return torch.float32 if INTERPRETED and dtype == torch.bfloat16 else dtype

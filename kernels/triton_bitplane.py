@@ -18,32 +18,25 @@ every product and the correction uses the true K.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from bitscale.kernels._triton_common import INTERPRETED, autotune_configs, m_bucket, tile_grid
 from bitscale.kernels.format import pack_bitplanes
 
 __all__ = ["INTERPRETED", "bipolar_bitplane_gemm", "bipolar_mm_int_bitplane", "plane_popcounts"]
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+_BITPLANE_TILES = (
+    (16, 64, 128, 4, 4),
+    (64, 64, 128, 4, 4),
+    (128, 128, 64, 8, 3),
+)
 
 
-def _bitplane_configs() -> list[triton.Config]:
-    if INTERPRETED:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in (
-            (16, 64, 128, 4, 4),
-            (64, 64, 128, 4, 4),
-            (128, 128, 64, 8, 3),
-        )
-    ]
-
-
-@triton.autotune(configs=_bitplane_configs(), key=["M_BUCKET", "N", "K", "A_BITS", "W_BITS"])
+@triton.autotune(
+    configs=autotune_configs(_BITPLANE_TILES), key=["M_BUCKET", "N", "K", "A_BITS", "W_BITS"]
+)
 @triton.jit
 def _bipolar_bitplane_kernel(
     x_ptr,
@@ -157,11 +150,7 @@ def bipolar_bitplane_gemm(
     out = torch.empty((m, n), dtype=torch.int64, device=x_planes.device)
     if m == 0 or n == 0:
         return out
-
-    def grid(meta: dict) -> tuple[int, int]:
-        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
-
-    _bipolar_bitplane_kernel[grid](
+    _bipolar_bitplane_kernel[tile_grid(m, n)](
         x_planes,
         w_planes,
         x_popcounts,
@@ -175,7 +164,7 @@ def bipolar_bitplane_gemm(
         w_planes.stride(0),
         w_planes.stride(1),
         out.stride(0),
-        min(triton.next_power_of_2(max(m, 1)), 4096),
+        m_bucket(m),
         A_BITS=a_bits,
         W_BITS=w_bits,
     )

@@ -19,52 +19,45 @@ the correction uses the true G.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from bitscale.kernels._triton_common import (
+    INTERPRETED,
+    autotune_configs,
+    m_bucket,
+    store_dtype,
+    tile_grid,
+    unpack_weight_codes,
+)
 
 __all__ = ["INTERPRETED", "bipolar_gemm", "quantize_activations"]
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # int32 holds |S @ T^T| <= G * 2^(a + w - 2) only while that stays below 2^31
 # (W8A8: G < 131072); past it every tile's partial product goes to int64.
 _INT32_LIMIT = 1 << 31
 
 
-def _gemm_configs() -> list[triton.Config]:
-    if INTERPRETED:
-        # The interpreter ignores warps/stages and autotune would run every
-        # config: one small config, BLOCK_M/N >= 16 and BLOCK_K >= 32 like the
-        # GPU compiler's int8 MMA needs, so CPU tests exercise compilable tiles.
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        # BLOCK_N = 32 tiles keep >= 128 programs busy at M <= 16, N = 4096
-        # (132 SMs on an H100), where the weight read is the whole cost.
-        for bm, bn, bk, w, s in (
-            (16, 32, 128, 4, 4),
-            (16, 32, 256, 4, 3),
-            (16, 64, 128, 4, 4),
-            (16, 128, 128, 4, 4),
-            (32, 64, 128, 4, 4),
-            (64, 64, 128, 4, 4),
-            (64, 128, 128, 4, 3),
-            (128, 128, 64, 8, 3),
-            (128, 128, 128, 8, 3),
-            (128, 256, 64, 8, 3),
-        )
-    ]
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). BLOCK_N = 32 tiles keep >= 128
+# programs busy at M <= 16, N = 4096 (132 SMs on an H100), where the weight read is
+# the whole cost.
+_GEMM_TILES = (
+    (16, 32, 128, 4, 4),
+    (16, 32, 256, 4, 3),
+    (16, 64, 128, 4, 4),
+    (16, 128, 128, 4, 4),
+    (32, 64, 128, 4, 4),
+    (64, 64, 128, 4, 4),
+    (64, 128, 128, 4, 3),
+    (128, 128, 64, 8, 3),
+    (128, 128, 128, 8, 3),
+    (128, 256, 64, 8, 3),
+)
 
 
-def _m_bucket(m: int) -> int:
-    """Autotune key: shapes with M in the same power-of-two bucket share a config."""
-    return min(triton.next_power_of_2(max(m, 1)), 4096)
-
-
-@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "GROUP_K", "W_BITS"])
+@triton.autotune(
+    configs=autotune_configs(_GEMM_TILES), key=["M_BUCKET", "N", "K", "GROUP_K", "W_BITS"]
+)
 @triton.jit
 def _bipolar_gemm_kernel(
     x_ptr,
@@ -115,13 +108,18 @@ def _bipolar_gemm_kernel(
                 mask=m_mask[:, None] & in_group[None, :],
                 other=0,
             )
-            w_byte_KN = w_ptr + (k // 8)[:, None] + offs_n[None, :] * stride_wn
-            w_shift_K1 = (k % 8)[:, None]
-            w_mask = in_group[:, None] & n_mask[None, :]
-            u_KN = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.int32)
-            for j in tl.static_range(W_BITS):
-                plane = tl.load(w_byte_KN + j * stride_wplane, mask=w_mask, other=0)
-                u_KN += ((plane.to(tl.int32) >> w_shift_K1) & 1) << j
+            u_KN = unpack_weight_codes(
+                w_ptr,
+                k,
+                offs_n,
+                in_group,
+                n_mask,
+                stride_wplane,
+                stride_wn,
+                W_BITS,
+                BLOCK_K,
+                BLOCK_N,
+            )
             t_KN = (u_KN - (1 << (W_BITS - 1))).to(tl.int8)
             if WIDE_ACC:
                 wide += tl.dot(x_SK, t_KN, out_dtype=tl.int32).to(tl.int64)
@@ -211,17 +209,10 @@ def bipolar_gemm(
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
     if accumulate_int64 is None:
         accumulate_int64 = group_k << (a_bits + w_bits - 2) >= _INT32_LIMIT
-    # The interpreter's float32 -> bf16 cast truncates (GPUs round to nearest
-    # even): there the kernel stores float32 and torch rounds.
-    store_dtype = torch.float32 if INTERPRETED and dtype == torch.bfloat16 else dtype
-    out = torch.empty((m, n), dtype=store_dtype, device=x_centred.device)
+    out = torch.empty((m, n), dtype=store_dtype(dtype), device=x_centred.device)
     if m == 0 or n == 0:
         return out.to(dtype)
-
-    def grid(meta: dict) -> tuple[int, int]:
-        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
-
-    _bipolar_gemm_kernel[grid](
+    _bipolar_gemm_kernel[tile_grid(m, n)](
         x_centred,
         x_rowsums,
         x_scales if x_scales is not None else x_rowsums,
@@ -239,7 +230,7 @@ def bipolar_gemm(
         w_planes.stride(0),
         w_planes.stride(1),
         out.stride(0),
-        _m_bucket(m),
+        m_bucket(m),
         W_BITS=w_bits,
         INT_OUT=int_out,
         WIDE_ACC=accumulate_int64,
