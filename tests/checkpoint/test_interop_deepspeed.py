@@ -2,11 +2,13 @@
 
 Train with ZeRO-1, 2 and 3, save; import each folder (and a ``ds_to_universal`` folder)
 into bitscale, and also save each live engine's own fp32 fragments directly (layouts from
-DeepSpeed's partition bookkeeping, each rank writing only its fragments); resume with plain torch AdamW at world 1 (through the lazy
-``Checkpointer``) and as 3 ZeRO-style flat shards: weights and Adam moments equal
-DeepSpeed's own gathered fp32 state bitwise. Export back to a DeepSpeed universal folder
-and resume ZeRO-2 and ZeRO-3 engines from it with ``load_universal``: again bitwise, and
-they train.
+DeepSpeed's partition bookkeeping, each rank writing only its fragments); resume with plain
+torch AdamW through the lazy ``Checkpointer`` at world 1 and on 3 real gloo ranks (an FSDP2
+``fully_shard`` model, uneven ``Shard(0)`` rows, and parameters annotated as uneven, padded
+ZeRO-style flat fragments), and read each folder as 3 flat shards: every rank's weights and
+Adam moments equal its slice of DeepSpeed's own gathered fp32 state bitwise. Export back to
+a DeepSpeed universal folder and resume ZeRO-2 and ZeRO-3 engines from it with
+``load_universal``: again bitwise, and they train.
 """
 
 from __future__ import annotations
@@ -177,6 +179,100 @@ def resume_as_3_flat_shards(root: Path, expected: dict[str, torch.Tensor]) -> No
                 assert torch.equal(local, flat[rank * per_rank : (rank + 1) * per_rank]), name
 
 
+def flat_fragment(full: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Elements ``[rank * n, (rank + 1) * n)`` of ``full`` flattened and zero-padded to
+    ``world_size * n`` (ZeRO's partitioning: the last rank's fragment may be all padding)."""
+    per_rank = -(-full.numel() // world_size)
+    padding = torch.zeros(world_size * per_rank - full.numel(), dtype=full.dtype)
+    return torch.cat([full.reshape(-1), padding])[rank * per_rank : (rank + 1) * per_rank]
+
+
+def annotated_flat_model(rank: int, world_size: int) -> nn.Module:
+    """The model with each parameter replaced by this rank's flat ZeRO fragment (NaN, so
+    a value the load does not fill shows), annotated with its place in the logical tensor."""
+    from bitscale.checkpoint.layout import annotate
+
+    model = build_model(7)
+    for module in model.modules():
+        for pname, param in list(module.named_parameters(recurse=False)):
+            per_rank = -(-param.numel() // world_size)
+            fragment = nn.Parameter(torch.full((per_rank,), float("nan")))
+            shard = RankLayout(
+                layout=TensorLayout(shape=tuple(param.shape)),
+                dp=DataParallel.FLAT,
+                dp_start=rank * per_rank,
+                dp_length=per_rank,
+            )
+            setattr(module, pname, annotate(fragment, shard))
+    return model
+
+
+def fsdp2_model(world_size: int) -> nn.Module:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = build_model(7)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.fill_(float("nan"))  # a value the load does not fill shows
+    mesh = DeviceMesh("cpu", list(range(world_size)))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def local_slice(kind: str, full: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """The part of the logical tensor ``full`` that ``rank`` holds in a ``kind`` model."""
+    if kind == "fsdp2":
+        # FSDP2 splits dim 0 as torch.chunk does: 7 rows over 3 ranks -> 3, 3, 1.
+        return torch.chunk(full, world_size, dim=0)[rank]
+    return flat_fragment(full, rank, world_size)
+
+
+def resume_on_3_ranks(rank: int, world_size: int, root: str, states: dict) -> list[str]:
+    """Load every imported / live-saved folder into an FSDP2 model and an annotated flat
+    model on this rank, each with a fresh AdamW; compare this rank's local weights, Adam
+    moments and step with its slice of DeepSpeed's gathered fp32 state. Returns the
+    mismatches (empty when all are bitwise equal)."""
+    mismatches: list[str] = []
+    for stage in STAGES:
+        expected = expected_tensors(states[stage])
+        for folder in (f"bs{stage}", f"live{stage}"):
+            for kind in ("fsdp2", "flat"):
+                if kind == "fsdp2":
+                    model = fsdp2_model(world_size)
+                else:
+                    model = annotated_flat_model(rank, world_size)
+                optimizer = torch.optim.AdamW(model.parameters(), lr=0.5)
+                with Checkpointer(f"{root}/{folder}") as checkpointer:
+                    step = checkpointer.load({"model": model, "optim": optimizer}, rng=False)
+                where = f"{folder} {kind} rank {rank}"
+                if step != 2:
+                    mismatches.append(f"{where}: loaded step {step}")
+                if optimizer.param_groups[0]["lr"] != 0.01:
+                    mismatches.append(f"{where}: lr {optimizer.param_groups[0]['lr']}")
+                for name, param in model.named_parameters():
+                    local = param.to_local() if kind == "fsdp2" else param
+                    want = local_slice(kind, expected[f"model/{name}"], rank, world_size)
+                    if not torch.equal(local.detach(), want):
+                        mismatches.append(f"{where}: {name} {local.tolist()} != {want.tolist()}")
+                    state = optimizer.state[param]
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        got = state[key].to_local() if kind == "fsdp2" else state[key]
+                        want = local_slice(
+                            kind, expected[f"optim/state/model/{name}/{key}"], rank, world_size
+                        )
+                        if not torch.equal(got, want):
+                            mismatches.append(
+                                f"{where}: {name} {key} {got.tolist()} != {want.tolist()}"
+                            )
+                    if float(state["step"]) != 2.0:
+                        mismatches.append(f"{where}: {name} step {float(state['step'])}")
+    return mismatches
+
+
 @pytest.mark.dist
 @pytest.mark.slow
 def test_deepspeed_zero_round_trip(tmp_path: Path) -> None:
@@ -188,6 +284,11 @@ def test_deepspeed_zero_round_trip(tmp_path: Path) -> None:
         for folder in (f"bs{stage}", f"live{stage}"):
             resume_with_torch_at_world_1(tmp_path / folder, expected)
             resume_as_3_flat_shards(tmp_path / folder, expected)
+
+    states = {stage: results[0][stage] for stage in STAGES}
+    per_rank = run_on_ranks(resume_on_3_ranks, 3, str(tmp_path), states, timeout=240)
+    mismatches = [mismatch for rank_mismatches in per_rank for mismatch in rank_mismatches]
+    assert len(per_rank) == 3 and not mismatches, "\n".join(mismatches)
 
     direct = read_manifest(tmp_path / "bs2" / "step-00000002")
     via_universal = read_manifest(tmp_path / "bs2u" / "step-00000007")
