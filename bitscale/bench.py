@@ -33,6 +33,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from bitscale._io import atomic_output, save_figure
+
 __all__ = [
     "QUICK_ENV",
     "RESULTS_VERSION",
@@ -219,18 +221,8 @@ def find_repo_root(start: Path) -> Path:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    # Write next to the target and rename, so a crash never leaves a half-written file.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path, "w") as f:
+        f.write(text)
 
 
 def current_device() -> tuple[str, str]:
@@ -850,7 +842,7 @@ def render_plots(rows: Sequence[Row], plot_dir: Path) -> list[str]:
         name = _plot_file(subsystem, group)
         plot_dir.mkdir(parents=True, exist_ok=True)
         # No metadata: the PNG bytes depend only on the data, so re-rendering is a no-op diff.
-        fig.savefig(plot_dir / name, dpi=110, metadata={"Software": None})
+        save_figure(fig, plot_dir / name, dpi=110, metadata={"Software": None})
         written.append(name)
     return written
 

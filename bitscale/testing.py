@@ -86,7 +86,9 @@ def _worker(
             init_method=f"file://{init_file}",
             rank=rank,
             world_size=world_size,
-            timeout=timedelta(seconds=timeout_s),
+            # Longer than run_on_ranks' own deadline, so a hang is reported (and every
+            # process killed) by the parent, naming the ranks that never finished.
+            timeout=timedelta(seconds=timeout_s + 60),
         )
         try:
             value = fn(rank, world_size, *args, **kwargs)

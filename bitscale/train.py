@@ -27,8 +27,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from enum import StrEnum
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from bitscale._io import atomic_output, save_figure
 
 if TYPE_CHECKING:
     import torch
@@ -282,14 +283,8 @@ def metrics_document(
 
 def write_json_atomic(path: str | os.PathLike[str], document: dict[str, Any]) -> None:
     """Write through a temporary file and rename, so a reader never sees half a file."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    with open(temporary, "w", encoding="utf-8") as f:
+    with atomic_output(path, "w") as f:
         json.dump(document, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, target)
 
 
 def plot_runs(document: dict[str, Any], path: str | os.PathLike[str]) -> None:
@@ -319,9 +314,7 @@ def plot_runs(document: dict[str, Any], path: str | os.PathLike[str]) -> None:
     ax_busy.set(xlabel="step", ylabel="busy time (ms)", title="per-rank busy time")
     ax_loss.legend()
     ax_busy.legend(fontsize="small", ncol=2)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(target, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

@@ -104,8 +104,13 @@ class MicroBatch:
 
 def _check_sequence(batch: Sequence[torch.Tensor], seq_id: int, length: int) -> torch.Tensor:
     tokens = batch[seq_id]
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1:
+    if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"batch[{seq_id}] must be a 1-D tensor of token ids, got {type(tokens)}")
+    if tokens.dim() != 1 or tokens.dtype.is_floating_point or tokens.dtype.is_complex:
+        raise ValueError(
+            f"batch[{seq_id}] must be a 1-D integer tensor of token ids, got shape "
+            f"{tuple(tokens.shape)} and dtype {tokens.dtype}; pass one tensor per sequence"
+        )
     if tokens.shape[0] != length:
         raise ValueError(
             f"batch[{seq_id}] has {tokens.shape[0]} tokens but the plan was made for {length}; "

@@ -42,6 +42,8 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any
 
+from bitscale._io import save_figure
+
 from .cost import CostModel, OffloadConfig
 from .plan import Plan, _fits, _gc_paused, plan_batch, plan_static_mesh
 
@@ -917,7 +919,7 @@ def plot_speedups(points: list[tuple[int, SimulationReport]], key: str, path: st
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

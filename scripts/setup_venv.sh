@@ -20,8 +20,10 @@ if [ -n "$system_torch_cuda" ]; then
     torch_version=$system_torch_cuda
 else
     "$python" -m venv "$venv"
-    # 2.13.0 resolves to the CPU wheel on machines without CUDA (see README).
-    "$venv/bin/python" -m pip install -q "torch==${BITSCALE_TORCH_VERSION:-2.13.0}"
+    # 2.13.0 resolves to the CPU wheel on the project's machines; elsewhere point
+    # BITSCALE_TORCH_INDEX at a CPU wheel index (see README).
+    "$venv/bin/python" -m pip install -q ${BITSCALE_TORCH_INDEX:+--index-url "$BITSCALE_TORCH_INDEX"} \
+        "torch==${BITSCALE_TORCH_VERSION:-2.13.0}"
     torch_version=$("$venv/bin/python" -c 'import torch; print(torch.__version__)')
 fi
 echo "torch==$torch_version" > "$constraints"

@@ -27,6 +27,8 @@ def test_import_is_light(cwd: Path) -> None:
         "import bitscale\n"
         "light = 'torch' not in sys.modules\n"
         "import bitscale.kernels, bitscale.hdp, bitscale.checkpoint\n"
+        "bitscale.hdp.HDPRunner, bitscale.hdp.attention, bitscale.kernels.BipolarLinear\n"
+        "import bitscale.hdp.simulate, bitscale.checkpoint.cli, bitscale.train\n"
         "import torch\n"
         "print(json.dumps({'light': light, 'triton': 'triton' in sys.modules,\n"
         "  'cuda': torch.cuda.is_initialized(),\n"

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -23,7 +25,9 @@ def _fail_on_rank_one(rank: int, world_size: int) -> None:
 
 def _hang_on_rank_zero(rank: int, world_size: int) -> None:
     if rank == 0:
-        dist.barrier()  # rank 1 never joins
+        dist.barrier()  # rank 1 never joins: it is still sleeping when the deadline passes
+    else:
+        time.sleep(120)
 
 
 def test_results_come_back_in_rank_order() -> None:
@@ -37,8 +41,11 @@ def test_failing_rank_traceback_is_raised() -> None:
 
 
 def test_hung_collective_times_out() -> None:
-    with pytest.raises((TimeoutError, RankError)):
-        run_on_ranks(_hang_on_rank_zero, 2, timeout=8)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"ranks \[0, 1\] did not finish within 6 s"):
+        run_on_ranks(_hang_on_rank_zero, 2, timeout=6)
+    # Every process was killed at the deadline, not left to the 120 s sleep.
+    assert time.monotonic() - started < 30
 
 
 def test_local_function_is_rejected() -> None:

@@ -307,7 +307,7 @@ def test_hand_checked_plan() -> None:
     # Every rank of that ring sends 6 K/V and 4 dK/dV blocks per layer.
     for r in first.ranks:
         kv, dkv = plan.ring_bytes_for_rank(r)
-        assert kv >= 32 * 6 * hop and dkv >= 32 * 4 * hop
+        assert kv >= 32 * 6 * hop and dkv >= 32 * 4 * dkv_hop
 
 
 def test_odd_capacity_uses_even_zigzag_slots() -> None:

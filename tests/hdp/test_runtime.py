@@ -337,3 +337,20 @@ def test_random_plans_run_without_deadlock_and_count_bytes_exactly(
     offloaded = sum(entry[6] for rank_report in per_rank for entry in rank_report)
     assert offloaded > 0
     assert {entry[2] for entry in per_rank[0]} == set(range(2, 9))
+
+
+@pytest.mark.parametrize(
+    ("tokens", "error"),
+    [
+        (
+            torch.zeros(5),
+            "1-D integer tensor of token ids, got shape \\(5,\\) and dtype torch.float32",
+        ),
+        (torch.zeros(1, 5, dtype=torch.long), "got shape \\(1, 5\\)"),
+    ],
+)
+def test_batch_must_hold_1d_integer_token_tensors(tokens: torch.Tensor, error: str) -> None:
+    from bitscale.hdp.runtime import _check_sequence
+
+    with pytest.raises(ValueError, match=error):
+        _check_sequence([tokens], 0, 5)
