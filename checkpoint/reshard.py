@@ -84,10 +84,6 @@ class Box:
         """This box in the coordinates of a frame whose corner is ``origin``."""
         return Box(tuple(o - p for o, p in zip(self.offsets, origin, strict=True)), self.shape)
 
-    def moved_to(self, origin: Sequence[int]) -> Box:
-        """This box, of the same shape, placed at ``origin``."""
-        return Box(tuple(origin), self.shape)
-
     def translated(self, delta: Sequence[int]) -> Box:
         return Box(tuple(o + d for o, d in zip(self.offsets, delta, strict=True)), self.shape)
 

@@ -86,12 +86,6 @@ class HostBufferPool:
                 self._live.popleft()
             self._cond.notify_all()
 
-    @property
-    def in_use(self) -> int:
-        """Bytes of live slots."""
-        with self._cond:
-            return sum(s.nbytes for s in self._live)
-
     def wait_idle(self) -> None:
         """Block until every slot is released."""
         with self._cond:

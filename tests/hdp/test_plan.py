@@ -484,3 +484,14 @@ def test_wikipedia_batch_balance_and_ring_bytes() -> None:
     assert hdp.stats.balance <= 1.05
     assert hdp.stats.ring_bytes <= 0.05 * static.stats.ring_bytes
     assert static.stats.makespan > hdp.stats.makespan
+
+
+def test_shard_for_names_a_ranks_ranges_and_rejects_outsiders() -> None:
+    plan = plan_batch([100, 10], 4, 32)
+    ring = next(item for item in plan.items if item.cp_size == 4)
+    for rank, shard in zip(ring.ranks, ring.shards, strict=True):
+        assert ring.shard_for(rank) == shard
+    single = next(item for item in plan.items if item.cp_size == 1)
+    outsider = next(r for r in range(4) if r not in single.ranks)
+    with pytest.raises(ValueError, match=f"rank {outsider} is not in item {single.item_id}"):
+        single.shard_for(outsider)
