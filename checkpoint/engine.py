@@ -413,12 +413,17 @@ class Checkpointer:
         read_buffer_bytes: int = 64 << 20,
         storage: Storage | None = None,
     ) -> None:
-        if keep is not None and (not isinstance(keep, int) or keep < 1):
+        # bool is an int subclass: keep=True would silently mean keep=1.
+        if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
             raise ValueError(f"keep must be a positive int or None (keep all), got {keep!r}")
         if host_buffer_bytes is not None and host_buffer_bytes < 1:
             raise ValueError(f"host_buffer_bytes must be >= 1 or None, got {host_buffer_bytes}")
-        if writer_threads < 1:
-            raise ValueError(f"writer_threads must be >= 1, got {writer_threads}")
+        if (
+            not isinstance(writer_threads, int)
+            or isinstance(writer_threads, bool)
+            or writer_threads < 1
+        ):
+            raise ValueError(f"writer_threads must be an int >= 1, got {writer_threads!r}")
         try:
             self.verify_mode = VerifyMode(verify)
         except ValueError:

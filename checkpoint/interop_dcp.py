@@ -157,13 +157,27 @@ def export_dcp(
     """Write bitscale step ``step`` (default: the newest) as a DCP checkpoint in ``dcp_dir``.
 
     Optimizer entries are keyed by parameter FQN (``get_state_dict`` style), so
-    ``set_state_dict`` restores them. Returns the step written.
+    ``set_state_dict`` restores them. Returns the step written. ``dcp_dir`` appears only
+    complete: DCP writes into a sibling temporary folder that is renamed into place.
     """
     import torch.distributed.checkpoint as dcp
-    from bitscale.checkpoint.storage import read_step_manifest
+    from bitscale.checkpoint.storage import (
+        LocalStorage,
+        fsync_dir,
+        new_token,
+        read_step_manifest,
+    )
 
     step, step_dir, manifest = read_step_manifest(root, step)
     record = manifest.ranks[0]
+    if model_entry not in record.entries:
+        raise ValueError(
+            f"step {step} has no entry {model_entry!r}; its entries are "
+            f"{sorted(record.entries)}; pass model_entry=<one of them>"
+        )
+    dcp_dir = Path(dcp_dir)
+    if dcp_dir.exists() and any(dcp_dir.iterdir()):
+        raise ValueError(f"{dcp_dir} is not empty; choose a new folder for the DCP checkpoint")
     state: dict[str, Any] = {}
     for entry, saved in record.entries.items():
         value = decode_skeleton(
@@ -172,10 +186,17 @@ def export_dcp(
         if saved["kind"] == str(EntryKind.OPTIMIZER):
             value = _strip_optimizer(value, f"{model_entry}/")
         state[entry] = value
-    dcp_dir = Path(dcp_dir)
-    if dcp_dir.exists() and any(dcp_dir.iterdir()):
-        raise ValueError(f"{dcp_dir} is not empty; choose a new folder for the DCP checkpoint")
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(dcp_dir)), no_dist=True)
+    storage = LocalStorage()
+    storage.makedirs(dcp_dir.parent)
+    tmp_dir = dcp_dir.parent / f".tmp-{dcp_dir.name}-{new_token()}"
+    try:
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp_dir)), no_dist=True)
+        # DCP fsyncs its files (sync_files=True) but not the folder that names them.
+        fsync_dir(tmp_dir)
+        storage.rename(tmp_dir, dcp_dir)
+    except BaseException:
+        storage.remove_tree(tmp_dir)
+        raise
     return step
 
 

@@ -248,8 +248,19 @@ def export_deepspeed_universal(
     ``engine.load_checkpoint(out_dir)`` under ZeRO-1, 2 or 3 at any data-parallel size.
     """
     import deepspeed
-    from bitscale.checkpoint.storage import LocalStorage, new_token, read_step_manifest
+    from bitscale.checkpoint.storage import (
+        LocalStorage,
+        fsync_dir,
+        list_steps,
+        new_token,
+        read_step_manifest,
+    )
 
+    if step is not None and step not in (committed := list_steps(root)):
+        raise ValueError(
+            f"{root} has no committed step {step}; its committed steps are {committed}; "
+            "pass step=<one of them> or step=None for the newest"
+        )
     step, step_dir, manifest = read_step_manifest(root, step)
     entries = manifest.ranks[0].entries
     for entry, kind in ((model_entry, EntryKind.MODULE), (optimizer_entry, EntryKind.OPTIMIZER)):
@@ -292,17 +303,18 @@ def export_deepspeed_universal(
                 storage.makedirs(param_dir)
                 weights = tensor(name).float()
                 shapes[pname] = weights.shape
-                torch.save({"param": weights, "cat_dim": 0}, param_dir / "fp32.pt")
+                _save_durable({"param": weights, "cat_dim": 0}, param_dir / "fp32.pt")
                 for key, value in optimizer["state"].get(name, {}).items():
                     if key == "step":
                         step_value = tensor(value) if isinstance(value, str) else value
-                        torch.save(step_value, param_dir / "step.pt")
+                        _save_durable(step_value, param_dir / "step.pt")
                         if first_step is None:
                             first_step = step_value
                     elif isinstance(value, str):
-                        torch.save(
+                        _save_durable(
                             {"param": tensor(value).float(), "cat_dim": 0}, param_dir / f"{key}.pt"
                         )
+                fsync_dir(param_dir)
                 done += 1
                 if progress is not None:
                     progress(done, total)
@@ -314,7 +326,7 @@ def export_deepspeed_universal(
                 }
             )
         # Stages 1-2 read param_groups; stage 3 reads optimizer_state_dict (one step for all).
-        torch.save(
+        _save_durable(
             {
                 "param_groups": group_states,
                 "optimizer_state_dict": {
@@ -356,13 +368,23 @@ def export_deepspeed_universal(
         }
         # ZeRO-1/2 engines read mp_rank_00; ZeRO-3 ones read zero_pp_rank_0 under load_universal.
         for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
-            torch.save(model_states, tmp / name)
+            _save_durable(model_states, tmp / name)
+        fsync_dir(tmp / "zero")
+        fsync_dir(tmp)
         storage.rename(tmp, out_dir / tag)
     except BaseException:
         storage.remove_tree(tmp)
         raise
     storage.write_atomic(out_dir / "latest_universal", (tag + "\n").encode(), token)
     return out_dir / tag
+
+
+def _save_durable(obj: Any, path: Path) -> None:
+    """``torch.save`` that returns only once the file's bytes are on disk."""
+    with open(path, "wb") as file:
+        torch.save(obj, file)
+        file.flush()
+        os.fsync(file.fileno())
 
 
 # ----------------------------------------------------------------------------- live engines

@@ -67,6 +67,11 @@ def export_hf(
     """
     from bitscale.checkpoint.storage import LocalStorage, new_token, read_step_manifest
 
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        # Casting to an integer dtype would truncate weights to zeros without a warning.
+        raise ValueError(
+            f"dtype must be None or a floating torch.dtype such as torch.bfloat16, got {dtype!r}"
+        )
     out_dir = Path(out_dir)
     step, step_dir, manifest = read_step_manifest(root, step)
     entries = manifest.ranks[0].entries

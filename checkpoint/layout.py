@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import os
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -95,6 +96,25 @@ class FusedPart:
         return sum(self.tp_sizes)
 
 
+def _dims(what: str, shape: Sequence[Any]) -> tuple[int, ...]:
+    """``shape`` as a tuple of ints; ``ValueError`` for a negative or non-integer dim.
+    Zero is allowed: torch tensors may be empty, and they save and load today."""
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
+        raise ValueError(f"{what} must be a sequence of ints such as (4, 3), got {shape!r}")
+    dims = []
+    for dim in shape:
+        try:
+            size = operator.index(dim)
+        except TypeError:
+            size = None
+        if size is None or isinstance(dim, bool) or size < 0:
+            raise ValueError(
+                f"{what} {tuple(shape)!r} has the dim {dim!r}; every dim must be an int >= 0"
+            )
+        dims.append(size)
+    return tuple(dims)
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TensorLayout:
     """The global layout of one logical tensor: the same on every rank, stored in the index."""
@@ -115,9 +135,9 @@ class TensorLayout:
     version: int = LAYOUT_VERSION
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        object.__setattr__(self, "shape", _dims("shape", self.shape))
         if self.padded_shape is not None:
-            padded = tuple(int(s) for s in self.padded_shape)
+            padded = _dims("padded_shape", self.padded_shape)
             object.__setattr__(self, "padded_shape", padded)
             if len(padded) != len(self.shape) or any(
                 p < s for p, s in zip(padded, self.shape, strict=True)

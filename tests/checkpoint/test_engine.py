@@ -329,6 +329,9 @@ def test_retention_keeps_the_newest_steps(tmp_path: Path) -> None:
         ({"verify": "sometimes"}, "verify must be one of"),
         ({"host_buffer_bytes": 0}, "host_buffer_bytes must be"),
         ({"writer_threads": 0}, "writer_threads must be"),
+        ({"keep": True}, r"keep must be a positive int or None \(keep all\), got True"),
+        ({"writer_threads": True}, r"writer_threads must be an int >= 1, got True"),
+        ({"writer_threads": 2.0}, r"writer_threads must be an int >= 1, got 2\.0"),
     ],
 )
 def test_bad_constructor_arguments(tmp_path: Path, kwargs: dict, message: str) -> None:

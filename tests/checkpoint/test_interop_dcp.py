@@ -11,6 +11,7 @@ from bitscale.checkpoint.engine import Checkpointer
 from bitscale.checkpoint.interop_dcp import export_dcp, import_dcp
 from bitscale.checkpoint.layout import save_sharded
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 
@@ -72,6 +73,33 @@ def test_export_to_dcp_loads_with_set_state_dict(tmp_path: Path) -> None:
     assert_same(source, target)
     with pytest.raises(ValueError, match="not empty"):
         export_dcp(tmp_path / "ckpt", tmp_path / "dcp")
+
+
+def test_failed_export_leaves_nothing_and_can_be_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = trained(0)
+    save_sharded(tmp_path / "ckpt", 4, {"model": source[0], "optim": source[1]})
+    written: list[str] = []
+
+    def fail_before_metadata(self: dcp.FileSystemWriter, *args: object, **kwargs: object) -> None:
+        written.extend(p.name for p in Path(self.path).iterdir())
+        raise OSError("disk full while writing .metadata")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dcp.FileSystemWriter, "finish", fail_before_metadata)
+        with pytest.raises(CheckpointException, match="disk full"):
+            export_dcp(tmp_path / "ckpt", tmp_path / "dcp")
+    assert any(name.endswith(".distcp") for name in written), "the failure came after data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+    with pytest.raises(ValueError, match=r"no entry 'nope'.*\['model', 'optim'\]"):
+        export_dcp(tmp_path / "ckpt", tmp_path / "dcp", model_entry="nope")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+    assert export_dcp(tmp_path / "ckpt", tmp_path / "dcp") == 4
+    assert (tmp_path / "dcp" / ".metadata").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "dcp"]
 
 
 def test_foreign_folder_is_rejected_and_nothing_written(tmp_path: Path) -> None:

@@ -315,3 +315,14 @@ def test_foreign_and_damaged_deepspeed_folders(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="neither a DeepSpeed ZeRO checkpoint"):
         import_deepspeed(tmp_path / "empty", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_export_of_a_missing_or_uncommitted_step_is_rejected(tmp_path: Path) -> None:
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    save_sharded(tmp_path / "ckpt", 3, {"model": model, "optim": optimizer})
+    (tmp_path / "ckpt" / "step-00000005").mkdir()
+    for missing in (5, 4):
+        with pytest.raises(ValueError, match=rf"no committed step {missing}.*\[3\]"):
+            export_deepspeed_universal(tmp_path / "ckpt", tmp_path / "ds", step=missing)
+    assert not (tmp_path / "ds").exists()

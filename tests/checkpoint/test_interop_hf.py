@@ -82,6 +82,10 @@ def test_bad_requests_write_nothing(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "full"]
     with pytest.raises(ValueError, match="no committed bitscale checkpoint"):
         export_hf(tmp_path / "full", tmp_path / "hf")
+    for bad_dtype in (torch.int8, torch.bool, "bf16", "torch.bfloat16"):
+        with pytest.raises(ValueError, match=r"dtype must be None or a floating torch\.dtype"):
+            export_hf(tmp_path / "ckpt", tmp_path / "hf", dtype=bad_dtype)  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "full"]
 
 
 TENSOR_BYTES, BUFFER_BYTES = 4 << 20, 1 << 20

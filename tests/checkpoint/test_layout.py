@@ -198,6 +198,14 @@ def test_layout_errors_name_the_problem() -> None:
         )
     with pytest.raises(ValueError, match="padded_shape"):
         TensorLayout(shape=(6, 2), padded_shape=(5, 2))
+    for bad_shape in ((-1, 3), (2.0, 3), (True, 3), ("4",), "43"):
+        with pytest.raises(
+            ValueError, match=r"shape must be a sequence of ints|every dim must be an int >= 0"
+        ):
+            TensorLayout(shape=bad_shape)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"padded_shape \(8, -2\) has the dim -2"):
+        TensorLayout(shape=(6, 2), padded_shape=(8, -2))
+    assert TensorLayout(shape=torch.Size([0, 3])).shape == (0, 3), "empty tensors are legal"
     with pytest.raises(ValueError, match="needs dp_start"):
         RankLayout(layout=TensorLayout(shape=(4,)), dp=DataParallel.FLAT)
     with pytest.raises(ValueError, match="newer than this bitscale"):
