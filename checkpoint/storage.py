@@ -227,6 +227,10 @@ def read_step_manifest(
     step = latest_step(root) if step is None else step
     if step is None:
         raise ValueError(f"no committed bitscale checkpoint under {root}")
+    if step not in list_steps(root):
+        raise ValueError(
+            f"{root} has no committed step {step}; its committed steps are {list_steps(root)}"
+        )
     step_dir = root / step_dir_name(step)
     return step, step_dir, read_manifest(step_dir)
 

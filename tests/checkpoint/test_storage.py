@@ -133,3 +133,14 @@ def test_damaged_step_can_be_saved_again_after_fallback(tmp_path: Path) -> None:
     assert step == 2 and torch.equal(w, saved[2])
     assert list_steps(tmp_path) == [1, 2]
     assert not [n for n in os.listdir(tmp_path) if n.startswith(TMP_PREFIX)]
+
+
+def test_read_step_manifest_names_the_committed_steps(tmp_path: Path) -> None:
+    from bitscale.checkpoint.storage import read_step_manifest
+
+    _save_steps(tmp_path, [3])
+    assert read_step_manifest(tmp_path)[0] == 3
+    with pytest.raises(ValueError, match=r"no committed step 5; its committed steps are \[3\]"):
+        read_step_manifest(tmp_path, 5)
+    with pytest.raises(ValueError, match="no committed bitscale checkpoint"):
+        read_step_manifest(tmp_path / "empty")
