@@ -1,4 +1,5 @@
-"""Every Triton kernel compiles to an sm_90 cubin, on a machine without a GPU.
+"""Every Triton kernel, autotune tile and specialization compiles to cubins on a machine
+without a GPU.
 
 The interpreter accepts programs the GPU compiler rejects (tl.dot tiles under
 16, dtype mixes), so CPU-only CI also runs the real compiler: Triton's
@@ -19,27 +20,46 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 
 def _compile_all() -> list[str]:
+    """Compile every autotune tile of every kernel for sm_90, and each constexpr
+    specialization a launcher can pick (output dtypes, int64 recovery, float32 dots,
+    1 and 8 bits) for sm_90 and sm_80. Returns one ``kernel[label]`` line per build."""
     import triton
     from bitscale.kernels import triton_a16, triton_bitplane, triton_gemm
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    target = GPUTarget("cuda", 90, 32)
+    hopper, ampere = GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)
     compiled = []
 
-    def build(kernel, signature: dict[str, str], constexprs: dict[str, object]) -> None:
+    def build(
+        kernel,
+        signature: dict[str, str],
+        constexprs: dict,
+        label: str,
+        *,
+        tile: tuple[int, int, int, int, int] = (16, 32, 128, 4, 4),
+        targets: tuple[GPUTarget, ...] = (hopper,),
+    ) -> None:
         jit = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+        block_m, block_n, block_k, warps, stages = tile
+        if "BLOCK_M" in jit.arg_names:
+            constexprs = {**constexprs, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
         full = {**signature, **dict.fromkeys(constexprs, "constexpr")}
-        triton.compile(ASTSource(jit, full, constexprs), target=target)
-        compiled.append(jit.__name__)
+        for target in targets:
+            triton.compile(
+                ASTSource(jit, full, constexprs),
+                target=target,
+                options={"num_warps": warps, "num_stages": stages},
+            )
+            compiled.append(f"{jit.__name__}[{label} sm_{target.arch}]")
 
     ints = dict.fromkeys(
         ("M", "N", "K", "GROUP_K", "NUM_GROUPS", "stride_xm", "stride_om", "M_BUCKET"), "i32"
     )
     plane_strides = {"stride_wplane": "i32", "stride_wn": "i32"}
-    build(
-        triton_gemm._bipolar_gemm_kernel,
-        {
+
+    def gemm_signature(out: str) -> dict[str, str]:
+        return {
             "x_ptr": "*i8",
             "x_rowsum_ptr": "*i32",
             "x_scale_ptr": "*fp32",
@@ -47,72 +67,154 @@ def _compile_all() -> list[str]:
             "w_rowsum_ptr": "*i32",
             "w_scale_ptr": "*fp32",
             "bias_ptr": "*fp32",
-            "out_ptr": "*bf16",
+            "out_ptr": out,
             **ints,
             **plane_strides,
-        },
-        {
-            "W_BITS": 3,
-            "INT_OUT": False,
-            "WIDE_ACC": False,
-            "HAS_BIAS": True,
-            "BLOCK_M": 16,
-            "BLOCK_N": 32,
-            "BLOCK_K": 128,
-        },
+        }
+
+    def gemm_flags(w_bits: int, *, int_out: bool = False, wide: bool = False) -> dict:
+        return {"W_BITS": w_bits, "INT_OUT": int_out, "WIDE_ACC": wide, "HAS_BIAS": not int_out}
+
+    for tile in triton_gemm._GEMM_TILES:
+        build(
+            triton_gemm._bipolar_gemm_kernel,
+            gemm_signature("*bf16"),
+            gemm_flags(4),
+            f"tile {tile}",
+            tile=tile,
+        )
+    both = (hopper, ampere)
+    build(
+        triton_gemm._bipolar_gemm_kernel,
+        gemm_signature("*bf16"),
+        gemm_flags(1),
+        "w1 bf16",
+        targets=both,
     )
     build(
-        triton_gemm._quantize_activations_kernel,
-        {
-            "x_ptr": "*bf16",
-            "codes_ptr": "*i8",
-            "rowsum_ptr": "*i32",
-            "scale_ptr": "*fp32",
-            "GROUP_K": "i32",
-            "NUM_GROUPS": "i32",
-            "stride_xm": "i32",
-        },
-        {"LEVELS": 255, "HALF": 128, "BLOCK": 1024},
+        triton_gemm._bipolar_gemm_kernel,
+        gemm_signature("*fp16"),
+        gemm_flags(8, wide=True),
+        "w8 fp16 int64 accumulate",
+        targets=both,
     )
     build(
-        triton_a16._bipolar_a16_kernel,
-        {
-            "x_ptr": "*bf16",
+        triton_gemm._bipolar_gemm_kernel,
+        gemm_signature("*fp32"),
+        gemm_flags(3),
+        "w3 fp32",
+        targets=both,
+    )
+    build(
+        triton_gemm._bipolar_gemm_kernel,
+        gemm_signature("*i64"),
+        gemm_flags(5, int_out=True),
+        "w5 int64 out",
+        targets=both,
+    )
+    build(
+        triton_gemm._bipolar_gemm_kernel,
+        gemm_signature("*i64"),
+        gemm_flags(8, int_out=True, wide=True),
+        "w8 int64 out int64 accumulate",
+        targets=both,
+    )
+
+    quantize_signature = {
+        "codes_ptr": "*i8",
+        "rowsum_ptr": "*i32",
+        "scale_ptr": "*fp32",
+        "GROUP_K": "i32",
+        "NUM_GROUPS": "i32",
+        "stride_xm": "i32",
+    }
+    for x_dtype, a_bits, block in (("*bf16", 8, 1024), ("*fp16", 1, 32), ("*fp32", 4, 256)):
+        build(
+            triton_gemm._quantize_activations_kernel,
+            {"x_ptr": x_dtype, **quantize_signature},
+            {"LEVELS": (1 << a_bits) - 1, "HALF": 1 << (a_bits - 1), "BLOCK": block},
+            f"a{a_bits} {x_dtype[1:]} block {block}",
+            targets=both,
+        )
+
+    def a16_signature(x: str) -> dict[str, str]:
+        return {
+            "x_ptr": x,
             "w_ptr": "*u8",
             "w_scale_ptr": "*fp32",
             "bias_ptr": "*fp32",
-            "out_ptr": "*bf16",
+            "out_ptr": x,
             **ints,
             **plane_strides,
-        },
-        {
-            "W_BITS": 4,
+        }
+
+    def a16_flags(w_bits: int, *, fp32: bool = False) -> dict:
+        return {
+            "W_BITS": w_bits,
             "HAS_BIAS": True,
-            "DOT_FP32": False,
-            "PRECISION": "tf32",
-            "BLOCK_M": 16,
-            "BLOCK_N": 32,
-            "BLOCK_K": 128,
-        },
+            "DOT_FP32": fp32,
+            "PRECISION": "ieee" if fp32 else "tf32",
+        }
+
+    for tile in triton_a16._A16_TILES:
+        build(
+            triton_a16._bipolar_a16_kernel,
+            a16_signature("*bf16"),
+            a16_flags(4),
+            f"tile {tile}",
+            tile=tile,
+        )
+    build(
+        triton_a16._bipolar_a16_kernel,
+        a16_signature("*fp16"),
+        a16_flags(1),
+        "w1 fp16",
+        targets=both,
     )
     build(
+        triton_a16._bipolar_a16_kernel,
+        a16_signature("*bf16"),
+        a16_flags(8),
+        "w8 bf16",
+        targets=both,
+    )
+    build(
+        triton_a16._bipolar_a16_kernel,
+        a16_signature("*fp32"),
+        a16_flags(2, fp32=True),
+        "w2 fp32 ieee",
+        targets=both,
+    )
+
+    bitplane_signature = {
+        "x_ptr": "*u8",
+        "w_ptr": "*u8",
+        "x_popc_ptr": "*i32",
+        "w_popc_ptr": "*i32",
+        "out_ptr": "*i64",
+        "M": "i32",
+        "N": "i32",
+        "K": "i32",
+        "stride_xplane": "i32",
+        "stride_xm": "i32",
+        **plane_strides,
+        "stride_om": "i32",
+        "M_BUCKET": "i32",
+    }
+    for tile in triton_bitplane._BITPLANE_TILES:
+        build(
+            triton_bitplane._bipolar_bitplane_kernel,
+            bitplane_signature,
+            {"A_BITS": 2, "W_BITS": 2},
+            f"tile {tile}",
+            tile=tile,
+        )
+    build(
         triton_bitplane._bipolar_bitplane_kernel,
-        {
-            "x_ptr": "*u8",
-            "w_ptr": "*u8",
-            "x_popc_ptr": "*i32",
-            "w_popc_ptr": "*i32",
-            "out_ptr": "*i64",
-            "M": "i32",
-            "N": "i32",
-            "K": "i32",
-            "stride_xplane": "i32",
-            "stride_xm": "i32",
-            **plane_strides,
-            "stride_om": "i32",
-            "M_BUCKET": "i32",
-        },
-        {"A_BITS": 2, "W_BITS": 2, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128},
+        bitplane_signature,
+        {"A_BITS": 1, "W_BITS": 8},
+        "a1 w8",
+        targets=both,
     )
     return compiled
 
@@ -125,12 +227,16 @@ def test_every_kernel_compiles_for_sm90() -> None:
         [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=280
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.split() == [
+    built = result.stdout.splitlines()
+    kernels = {line.split("[")[0] for line in built}
+    assert kernels == {
         "_bipolar_gemm_kernel",
         "_quantize_activations_kernel",
         "_bipolar_a16_kernel",
         "_bipolar_bitplane_kernel",
-    ]
+    }
+    assert sum("tile" in line for line in built) == 10 + 9 + 3  # every autotune config
+    assert sum("sm_80" in line for line in built) == 12
 
 
 if __name__ == "__main__":
