@@ -22,8 +22,8 @@ def test_env_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert info["kernel_mode"].startswith(("triton", "torch fallback"))
 
 
-def test_env_table_from_console_script() -> None:
-    bitscale = [sys.executable, "-m", "bitscale.cli"]
+def test_env_table_from_python_dash_m() -> None:
+    bitscale = [sys.executable, "-m", "bitscale"]
     result = subprocess.run([*bitscale, "env"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "kernel_mode" in result.stdout and "torch" in result.stdout

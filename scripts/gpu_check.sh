@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The GPU checks in one command, for a short lease on a GPU machine (an H100 lent for
+# 15 minutes, about 2 of them spent starting it):
+#
+#   1. install bitscale over the machine's own torch and triton (no network needed),
+#   2. every `gpu`-marked test, compiled kernels against the exact oracle,
+#   3. the GPU kernel benchmarks, in chunks, each appending a run to
+#      bench/results/<device>-<date>.json, so a chunk cut off by the time box loses
+#      only itself.
+#
+# Logs and the results file land in $OUT (default runs/gpu-check). Time boxes, in
+# seconds: TEST_SECONDS (default 180) and BENCH_SECONDS (default 330, all chunks
+# together); with the install and `bitscale env` the whole script stays under 9 minutes.
+set -u -o pipefail
+
+out=${OUT:-runs/gpu-check}
+python=${PYTHON:-python3}
+test_seconds=${TEST_SECONDS:-180}
+bench_seconds=${BENCH_SECONDS:-330}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+# Triton 3.9 warns unless this is set; the kernels are written for fused multiply-add.
+export TRITON_DEFAULT_FP_FUSION=1
+
+stamp() { echo "[gpu_check $(date -u +%H:%M:%S)] $*"; }
+
+stamp "install"
+if ! "$python" -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1; then
+    cat "$out/install.log"
+    exit 1
+fi
+"$python" -m bitscale env 2>&1 | tee "$out/env.txt"
+
+# Several workers (pytest-xdist, where installed): compiling each kernel specialization
+# is single-threaded CPU work.
+workers=()
+if "$python" -c "import xdist" 2>/dev/null; then
+    workers=(-n 8)
+fi
+stamp "gpu tests (time box ${test_seconds} s)"
+timeout "$test_seconds" "$python" -m pytest -q -m gpu "${workers[@]}" -p no:cacheprovider \
+    tests/kernels tests/hdp tests/checkpoint 2>&1 | tee "$out/gpu-tests.log"
+tests_status=$?
+stamp "gpu tests exit code $tests_status (124: cut by the time box)"
+
+# Cheapest and most asked-for first: weight-only at 4096^2 (decode), then W{4,8}A8 and
+# the bit-plane comparison, then the 8192 x 28672 shapes.
+chunks=(
+    "weight_only and N4096"
+    "(int8_activation and N4096) or bitplane"
+    "weight_only and N8192"
+    "int8_activation and N8192"
+)
+deadline=$((SECONDS + bench_seconds))
+for chunk in "${chunks[@]}"; do
+    left=$((deadline - SECONDS))
+    if ((left < 30)); then
+        stamp "bench: no time left for: $chunk"
+        continue
+    fi
+    stamp "bench chunk: $chunk (time box ${left} s)"
+    timeout "$left" "$python" -m bitscale bench run --only kernels -- -m gpu -k "$chunk" \
+        2>&1 | tee -a "$out/bench.log"
+done
+
+find bench/results -maxdepth 1 -name '*.json' -newer "$out/env.txt" -exec cp {} "$out/" \;
+stamp "done; files in $out: $(ls "$out" | tr '\n' ' ')"
+exit "$tests_status"
