@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from bitscale.kernels.config import FLOAT_ACTIVATION_BITS, QuantMethod, check_bits
-from bitscale.kernels.format import BipolarTensor, dequantize, pack_bitplanes, quantize
+from bitscale.kernels.config import FLOAT_ACTIVATION_BITS, QuantMethod, check_bits, parse_method
+from bitscale.kernels.format import BipolarTensor, dequantize, fake_quantize, pack_bitplanes
 
 __all__ = [
     "PackedWeight",
@@ -156,9 +156,10 @@ def dequantized_linear(
     Output in ``x.dtype``.
     """
     if a_bits != FLOAT_ACTIVATION_BITS:
-        activations = dequantize(
-            quantize(x, a_bits, group_size=group_size, method=activation_method)
-        )
+        # fake_quantize is dequantize(quantize(x)) exactly, without the uint8 codes round
+        # trip and quantize's NaN check (a host sync): 6.2 -> 3.0 ms for 256 x 2048
+        # activations on one core. NaN activations give NaN rows, as in nn.Linear.
+        activations = fake_quantize(x, a_bits, group_size, parse_method(activation_method))
     else:
         activations = x.to(torch.float32)
     out = activations @ weight.t()

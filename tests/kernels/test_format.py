@@ -13,6 +13,8 @@ from bitscale.kernels import (
     quantize,
     unpack_bitplanes,
 )
+from bitscale.kernels.config import QuantMethod
+from bitscale.kernels.format import fake_quantize
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -142,6 +144,17 @@ def test_quantize_scales_shape_and_dequantize(
     expected = (q.codes.float() * 2 - 7) * per_element
     assert torch.equal(dequantize(q), expected)
     assert torch.equal(q.dequantize(torch.float64), expected.double())
+
+
+@pytest.mark.parametrize("method", ["absmax", "mse", "meanabs"])
+@pytest.mark.parametrize(("bits", "group_size"), [(1, None), (4, 8), (8, None)])
+def test_fake_quantize_is_dequantize_of_quantize(
+    method: str, bits: int, group_size: int | None
+) -> None:
+    """The torch fallback and QAT use fake_quantize in place of the codes round trip."""
+    x = torch.randn(5, 24, generator=torch.Generator().manual_seed(bits), dtype=torch.bfloat16)
+    expected = dequantize(quantize(x, bits, group_size=group_size, method=method))
+    assert torch.equal(fake_quantize(x, bits, group_size, QuantMethod(method)), expected)
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
