@@ -27,10 +27,14 @@ __all__ = ["INTERPRETED", "bipolar_linear_a16"]
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). BLOCK_N = 32 tiles keep >= 128
 # programs busy at M <= 16, N = 4096 (132 SMs on an H100), where the weight read is
-# the whole cost.
+# the whole cost. With about one program per SM, bandwidth comes from bytes in flight:
+# an SM's share of HBM (~25 GB/s) times ~1 us latency is ~25 KB, so the decode tiles
+# reach BLOCK_K = 512 (W4: 8 KB of planes per stage, 2-3 stages in flight).
 _A16_TILES = (
     (16, 32, 128, 4, 4),
     (16, 32, 256, 4, 3),
+    (16, 32, 512, 4, 3),
+    (16, 16, 512, 4, 4),
     (16, 64, 128, 4, 4),
     (16, 128, 128, 4, 4),
     (16, 256, 64, 4, 4),

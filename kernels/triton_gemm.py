@@ -40,10 +40,11 @@ _INT32_LIMIT = 1 << 31
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). BLOCK_N = 32 tiles keep >= 128
 # programs busy at M <= 16, N = 4096 (132 SMs on an H100), where the weight read is
-# the whole cost.
+# the whole cost; BLOCK_K = 512 puts more of it in flight (see triton_a16).
 _GEMM_TILES = (
     (16, 32, 128, 4, 4),
     (16, 32, 256, 4, 3),
+    (16, 32, 512, 4, 3),
     (16, 64, 128, 4, 4),
     (16, 128, 128, 4, 4),
     (32, 64, 128, 4, 4),
