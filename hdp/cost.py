@@ -18,16 +18,34 @@ tensors) is, summed over all ranks and all attention layers::
     ring_kv  = num_layers * d * 2 * (d - 1) * kv_hop                # (d-1) hops forward, (d-1) backward
     ring_dkv = num_layers * d * d * dkv_hop                         # d hops back to the owner
 
-Each rank sends ``(3d - 2)`` blocks per layer. Ring communication overlaps only with
-attention compute of the same ring step, so what the ring adds to an item's time is::
+Each rank sends ``(3d - 2)`` blocks per layer. Ring communication overlaps only with the
+compute of the ring steps, so what the ring adds to an item's time is::
 
     t_ring    = num_layers * (3d - 2) * (kv_hop / bandwidth + ring_step_latency)
-    t_exposed = max(0, t_ring - (d - 1)/d * sum_i(alpha * s_i**2) / d)
+    t_exposed = max(0, t_ring - (d - 1)/d * (sum_i(alpha * s_i**2) / d + t_steps))
 
 with ``bandwidth`` = ``intra_node_bandwidth`` when all ranks sit in one node of
 ``node_size`` consecutive ranks, else ``inter_node_bandwidth``. This exposure is why short
 sequences under context parallelism are communication-bound: their attention is too small
 to hide the ring.
+
+Three costs of running a document on a ring rather than whole, all off by default (the
+exact formulas above, which is what CPU attention costs) and set by the cluster simulator
+from GPU kernel facts:
+
+* ``attention_tile`` t > 1: flash attention computes whole t x t tiles per document, so
+  ``s**2`` (twice the causal pairs) becomes twice the pairs of the tiles touched:
+  ``t**2 * n * (n + 1)`` with ``n = ceil(s / t)`` for a whole document (causal tile
+  triangle), and per rank of a d-rank zigzag ring (chunks of ``c = s / 2d``)
+  ``t**2 * (m * (m + 1) + 2 * (d - 1) * m * ceil(c / t))`` with ``m = ceil(2c / t)``
+  (step 0 is causal over the rank's 2c rows, each other step is 2c x c or c x 2c);
+* ``ring_step_overhead``: fixed seconds per ring step per layer, added to the item's
+  compute ``num_layers * d`` times;
+* ``ring_merge_time``: seconds per token slot per ring step after the first (whole model),
+  added ``(d - 1) * slots`` times.
+
+The two per-step costs (together ``t_steps``) run on the compute stream, so like attention
+they hide ring traffic.
 """
 
 from __future__ import annotations
@@ -119,9 +137,27 @@ class CostModel:
     """Seconds of fixed cost per ring hop per layer."""
     node_size: int = 8
     """Ranks per node; ranks r and r' share a node iff r // node_size == r' // node_size."""
+    attention_tile: int = 1
+    """Query rows (and keys) per flash-attention tile; every tile a document touches costs
+    ``attention_tile**2`` pairs however little of it the document fills. 1: exact pair
+    counts (``alpha * s**2``)."""
+    ring_step_overhead: float = 0.0
+    """Seconds per ring step per layer (a forward step and its backward step) of compute-
+    stream work a whole document does not do: small correction and accumulation kernels."""
+    ring_merge_time: float = 0.0
+    """Seconds per token slot per ring step after the first, whole model: merging a step's
+    partial attention output (forward) and partial dQ, dK/dV (backward) into the running
+    ones, a memory-bound pass over the rank's slots."""
 
     def __post_init__(self) -> None:
-        for name in ("alpha", "beta", "gamma", "ring_step_latency"):
+        for name in (
+            "alpha",
+            "beta",
+            "gamma",
+            "ring_step_latency",
+            "ring_step_overhead",
+            "ring_merge_time",
+        ):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"CostModel.{name} must be finite and >= 0, got {value}")
@@ -135,7 +171,14 @@ class CostModel:
                 f"CostModel.dkv_element_size must be None or an int >= 1, "
                 f"got {self.dkv_element_size!r}"
             )
-        for name in ("num_layers", "kv_heads", "head_dim", "element_size", "node_size"):
+        for name in (
+            "num_layers",
+            "kv_heads",
+            "head_dim",
+            "element_size",
+            "node_size",
+            "attention_tile",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"CostModel.{name} must be an int >= 1, got {value!r}")
@@ -170,9 +213,35 @@ class CostModel:
             return self.intra_node_bandwidth
         return self.inter_node_bandwidth
 
+    def attention_work(self, length: int, d: int = 1) -> int:
+        """The ``alpha`` multiplier of one document's causal attention, summed over its
+        ``d`` ranks: ``length**2`` (twice its causal token pairs), or with
+        ``attention_tile`` > 1 twice the pairs of the whole tiles it touches (module
+        docstring), as a whole document (d = 1) or as zigzag chunks on d ranks."""
+        t = self.attention_tile
+        if t == 1:
+            return length * length
+        if d == 1:
+            n = -(-length // t)
+            return t * t * n * (n + 1)
+        chunk = -(-length // (2 * d))
+        rows = -(-2 * chunk // t)
+        return d * t * t * (rows * (rows + 1) + 2 * (d - 1) * rows * (-(-chunk // t)))
+
+    def attention_time(self, lengths: Iterable[int], d: int = 1) -> float:
+        """Per-rank seconds of the causal attention of documents of ``lengths`` on d ranks."""
+        if self.attention_tile == 1:
+            return sum(self.alpha * s * s for s in lengths) / d
+        return sum(self.alpha * self.attention_work(s, d) for s in lengths) / d
+
     def compute_time(self, lengths: Iterable[int], d: int = 1) -> float:
-        """``sum(alpha*s**2 + beta*s) / d + gamma``: one micro-batch of documents on d ranks."""
-        work = sum(self.alpha * s * s + self.beta * s for s in lengths)
+        """``sum(alpha*s**2 + beta*s) / d + gamma``: one micro-batch of documents on d ranks
+        (``s**2`` counted in whole tiles when ``attention_tile`` > 1)."""
+        if self.attention_tile == 1:
+            work = sum(self.alpha * s * s + self.beta * s for s in lengths)
+        else:
+            alpha, beta, pairs = self.alpha, self.beta, self.attention_work
+            work = sum(alpha * pairs(s, d) + beta * s for s in lengths)
         return work / d + self.gamma
 
     def micro_batch_time(
@@ -190,13 +259,17 @@ class CostModel:
         if d == 1:
             return compute
         slots = sum(padded_lengths) // d
+        steps = (
+            self.num_layers * d * self.ring_step_overhead + (d - 1) * slots * self.ring_merge_time
+        )
+        compute += steps
         # Per layer each rank sends 2(d-1) K/V blocks and d dK/dV blocks.
         sent = (2 * (d - 1) * self.kv_bytes_per_token + d * self.dkv_bytes_per_token) * slots
         ring = self.num_layers * (
             sent / self.ring_bandwidth(ranks) + (3 * d - 2) * self.ring_step_latency
         )
-        attention = sum(self.alpha * s * s for s in padded_lengths) / d
-        exposed = max(0.0, ring - attention * (d - 1) / d)
+        attention = self.attention_time(padded_lengths, d)
+        exposed = max(0.0, ring - (attention + steps) * (d - 1) / d)
         if offload_ratio > 0.0:
             if offload is None:
                 raise ValueError("offload_ratio > 0 needs an OffloadConfig (offload=...)")
@@ -215,9 +288,11 @@ class CostModel:
 
         ``samples``: ``(lengths, seconds)`` pairs, ``lengths`` one document length or the
         lengths of the documents packed in that micro-batch. Every other field is taken from
-        ``base`` (default: the defaults). Non-negativity is exact: every subset of free
+        ``base`` (default: the defaults), and the attention column counts pairs as ``base``
+        does (`attention_work`). Non-negativity is exact: every subset of free
         coefficients is solved and the feasible one with the least squared error wins.
         """
+        model = base or cls()
         rows: list[tuple[float, float, float]] = []
         targets: list[float] = []
         for lengths, seconds in samples:
@@ -226,7 +301,8 @@ class CostModel:
                 raise ValueError(f"CostModel.fit: lengths must be ints >= 1, got {lengths!r}")
             if not (seconds >= 0 and math.isfinite(seconds)):
                 raise ValueError(f"CostModel.fit: time must be finite and >= 0, got {seconds!r}")
-            rows.append((float(sum(s * s for s in docs)), float(sum(docs)), 1.0))
+            pairs = sum(model.attention_work(s) for s in docs)
+            rows.append((float(pairs), float(sum(docs)), 1.0))
             targets.append(float(seconds))
         if len(rows) < 3:
             raise ValueError(f"CostModel.fit needs >= 3 samples, got {len(rows)}")
@@ -244,7 +320,7 @@ class CostModel:
                     best = (error, coef)
         assert best is not None, "the single-coefficient fits include gamma = mean(t) >= 0"
         alpha, beta, gamma = best[1]
-        return replace(base or cls(), alpha=alpha, beta=beta, gamma=gamma)
+        return replace(model, alpha=alpha, beta=beta, gamma=gamma)
 
     def describe(self) -> dict[str, float | int]:
         """All fields as a plain dict (for JSON reports)."""

@@ -10,6 +10,11 @@ It plans every step with the same planner the runtime executes (`plan_batch`,
   attention_efficiency)`` (causal; FlashAttention backward ~2.5x its forward);
 * ring hops overlap with the attention of the same step and are exposed otherwise, over
   NVLink inside a node and InfiniBand across nodes (`bitscale.hdp.cost`);
+* what running a document on a ring costs beyond its FLOPs: flash attention computes whole
+  ``attention_tile`` tiles per document chunk (a 300-token document on CP 4 is 8 chunks of
+  38 tokens, each filling a sliver of a 128-row tile), each ring step launches
+  ``ring_step_kernels`` small kernels of ``min_kernel_time``, and each step after the first
+  merges its partial output and gradients through HBM (``ring_merge_bytes_per_token``);
 * per-rank token capacity from memory: ``(hbm * usable - model states) / activation bytes per
   token``, activations ``34 * hidden * layers / tp`` bytes per token (bf16, selective
   recompute, sequence parallel);
@@ -170,6 +175,13 @@ class ModelConfig:
         return self.num_layers * per_layer + 2 * h * self.vocab
 
     @property
+    def ring_merge_bytes_per_token(self) -> int:
+        """HBM bytes per token per layer of merging one ring step's partial results (bf16):
+        forward reads the partial output and reads + writes the running one (3 x 2 B per
+        element of hidden), backward does the same for dQ (hidden) and dK/dV (2 x kv_hidden)."""
+        return 12 * self.hidden + 12 * self.kv_hidden
+
+    @property
     def activation_bytes_per_token(self) -> int:
         """Activation bytes per token over all layers: 34 * hidden per layer in bf16 with
         selective recompute and FlashAttention (Korthikanti et al. 2022), before TP."""
@@ -230,6 +242,24 @@ class ClusterConfig:
     ring_step_latency: float = 10e-6
     micro_batch_overhead: float = 2e-3
     """Seconds per forward/backward call (launches, hooks)."""
+    attention_tile: int = 128
+    """Query rows and keys per flash-attention tile, head_dim 128 on H100: FlashAttention-3's
+    causal forward computes 128 x 128 tiles and its backward 128-key blocks (of 64 query
+    rows, so 128 overstates the backward's waste on the query side); a tile costs the same
+    however few of its rows a document chunk fills."""
+    ring_step_kernels: int = 10
+    """Small compute-stream kernels per ring step per layer besides the attention kernel
+    itself, counted in TransformerEngine's P2P context-parallel attention for packed (THD)
+    documents (``AttnFuncWithCPAndKVP2P``): forward 5 (two cu_seqlens rescalings, half-
+    tensor read, LSE correction, output correction), backward 5 (half-tensor read,
+    FlashAttention-2's dO.O preprocessing and dQ conversion, adding the step's dQ and dK/dV
+    into the running ones). A whole document runs one step without them."""
+    min_kernel_time: float = 3.8e-6
+    """GPU time of one tiny kernel launched back-to-back in a stream (NVIDIA, "Getting
+    Started with CUDA Graphs": 3.8 us per launch of a 2.9 us kernel): the fixed floor; the
+    bytes the merge kernels move are costed separately (``hbm_bandwidth``)."""
+    hbm_bandwidth: float = 3.35e12
+    """Bytes/s of GPU memory (H100 SXM HBM3 peak), for the memory-bound ring-step merges."""
     hbm_bytes: float = 80e9
     usable_memory: float = 0.85
     """Fraction of HBM for model states and activations (the rest: allocator, workspace)."""
@@ -245,6 +275,16 @@ class ClusterConfig:
         for f in ("gemm_efficiency", "attention_efficiency", "usable_memory"):
             if not 0 < getattr(self, f) <= 1:
                 raise ValueError(f"ClusterConfig.{f} must be in (0, 1], got {getattr(self, f)}")
+        if self.attention_tile < 1 or self.ring_step_kernels < 0:
+            raise ValueError(
+                f"ClusterConfig: attention_tile ({self.attention_tile}) must be >= 1 and "
+                f"ring_step_kernels ({self.ring_step_kernels}) >= 0"
+            )
+        if not (self.min_kernel_time >= 0 and self.hbm_bandwidth > 0):
+            raise ValueError(
+                f"ClusterConfig: min_kernel_time ({self.min_kernel_time}) must be >= 0 and "
+                f"hbm_bandwidth ({self.hbm_bandwidth}) > 0"
+            )
 
     @property
     def num_ranks(self) -> int:
@@ -373,6 +413,12 @@ def cost_model(config: SimulationConfig) -> CostModel:
         ring_step_latency=c.ring_step_latency,
         # Pipelines laid out stage-contiguously inside nodes: ranks_per_node / p per node.
         node_size=max(1, c.ranks_per_node // p),
+        attention_tile=c.attention_tile,
+        ring_step_overhead=c.ring_step_kernels * c.min_kernel_time,
+        ring_merge_time=m.num_layers
+        * m.ring_merge_bytes_per_token
+        / p
+        / (c.tensor_parallel * c.hbm_bandwidth),
     )
 
 
