@@ -66,10 +66,15 @@ class KernelStatus:
         return f"{self.mode.value} ({self.reason})"
 
 
+# Constants under torch.compile, which cannot trace find_spec or os.environ; neither
+# answer changes while kernels run (TRITON_INTERPRET is pinned once they load, see
+# _triton_module).
+@torch.compiler.assume_constant_result
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@torch.compiler.assume_constant_result
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -122,7 +127,7 @@ def resolve_backend(backend: Backend | str, device: torch.device) -> Backend:
     if backend is Backend.AUTO:
         if reason is None:
             return Backend.TRITON
-        if reason not in _logged_fallbacks:
+        if reason not in _logged_fallbacks and not torch.compiler.is_compiling():
             _logged_fallbacks.add(reason)
             _log.info("bitscale.kernels: using the torch reference because %s", reason)
         return Backend.REFERENCE
@@ -197,6 +202,75 @@ def _check_linear_inputs(
         raise ValueError(f"bias must have shape ({out_features},), got {got}")
 
 
+# One opaque op for torch.compile: Dynamo and AOTAutograd see its output shape (the
+# fake below) instead of tracing into Triton's launcher and autotuner, so compiled
+# graphs (and CUDA graphs) hold the kernel call whole.
+@torch.library.custom_op("bitscale::linear_packed", mutates_args=())
+def _triton_linear_op(
+    rows: torch.Tensor,
+    planes: torch.Tensor,
+    scales: torch.Tensor,
+    centred_rowsums: torch.Tensor,
+    bias: torch.Tensor | None,
+    w_bits: int,
+    in_features: int,
+    group_size: int | None,
+    a_bits: int,
+    activation_method: str,
+) -> torch.Tensor:
+    """The Triton kernels on contiguous rows [M, K]: float [M, N] in rows' dtype."""
+    weight = PackedWeight(planes, scales, centred_rowsums, w_bits, in_features, group_size)
+    method = QuantMethod(activation_method)
+    if a_bits == FLOAT_ACTIVATION_BITS:
+        out = _triton_module("triton_a16").bipolar_linear_a16(rows, weight, bias=bias)
+    else:
+        gemm = _triton_module("triton_gemm")
+        if method is QuantMethod.ABSMAX:
+            x_centred, x_rowsums, x_scales = gemm.quantize_activations(
+                rows, a_bits=a_bits, group_k=weight.group_k
+            )
+        else:
+            q = quantize(rows, a_bits, group_size=weight.group_size, method=method)
+            x_centred = centred_codes(q.codes, a_bits)
+            x_rowsums = (
+                x_centred.view(rows.shape[0], q.num_groups, -1)
+                .sum(-1, dtype=torch.int32)
+                .contiguous()
+            )
+            x_scales = q.scales
+        out = gemm.bipolar_gemm(
+            x_centred,
+            x_rowsums,
+            weight.planes,
+            weight.centred_rowsums,
+            a_bits=a_bits,
+            w_bits=weight.bits,
+            k=weight.in_features,
+            group_k=weight.group_k,
+            x_scales=x_scales,
+            w_scales=weight.scales,
+            bias=bias,
+            out_dtype=rows.dtype,
+        )
+    return out
+
+
+@_triton_linear_op.register_fake
+def _(
+    rows: torch.Tensor,
+    planes: torch.Tensor,
+    scales: torch.Tensor,
+    centred_rowsums: torch.Tensor,
+    bias: torch.Tensor | None,
+    w_bits: int,
+    in_features: int,
+    group_size: int | None,
+    a_bits: int,
+    activation_method: str,
+) -> torch.Tensor:
+    return rows.new_empty((rows.shape[0], planes.shape[1]))
+
+
 def linear_packed(
     x: torch.Tensor,
     weight: PackedWeight,
@@ -227,37 +301,18 @@ def linear_packed(
     rows = x.reshape(-1, weight.in_features)
     if not rows.is_contiguous():
         rows = rows.contiguous()
-    if a_bits == FLOAT_ACTIVATION_BITS:
-        out = _triton_module("triton_a16").bipolar_linear_a16(rows, weight, bias=bias)
-    else:
-        gemm = _triton_module("triton_gemm")
-        if activation_method is QuantMethod.ABSMAX:
-            x_centred, x_rowsums, x_scales = gemm.quantize_activations(
-                rows, a_bits=a_bits, group_k=weight.group_k
-            )
-        else:
-            q = quantize(rows, a_bits, group_size=weight.group_size, method=activation_method)
-            x_centred = centred_codes(q.codes, a_bits)
-            x_rowsums = (
-                x_centred.view(rows.shape[0], q.num_groups, -1)
-                .sum(-1, dtype=torch.int32)
-                .contiguous()
-            )
-            x_scales = q.scales
-        out = gemm.bipolar_gemm(
-            x_centred,
-            x_rowsums,
-            weight.planes,
-            weight.centred_rowsums,
-            a_bits=a_bits,
-            w_bits=weight.bits,
-            k=weight.in_features,
-            group_k=weight.group_k,
-            x_scales=x_scales,
-            w_scales=weight.scales,
-            bias=bias,
-            out_dtype=x.dtype,
-        )
+    out = _triton_linear_op(
+        rows,
+        weight.planes,
+        weight.scales,
+        weight.centred_rowsums,
+        bias,
+        weight.bits,
+        weight.in_features,
+        weight.group_size,
+        a_bits,
+        activation_method.value,
+    )
     return out.view(*x.shape[:-1], weight.out_features)
 
 

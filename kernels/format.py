@@ -325,11 +325,18 @@ def unpack_bitplanes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
             f"packed has shape {tuple(packed.shape)}; {bits}-bit planes of K={k} need "
             f"shape ({bits}, ..., {num_bytes})"
         )
-    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
-    planes = ((packed.unsqueeze(-1) >> shifts) & 1).flatten(-2)
-    if k % 8 and planes[..., k:].any():
+    if k % 8 and (packed[..., -1] >> (k % 8)).any():
         raise ValueError("packed has set bits past K in its last byte; it is not a packing of K")
-    planes = planes[..., :k]
+    return unpack_trusted(packed, bits, k)
+
+
+def unpack_trusted(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """:func:`unpack_bitplanes` without its checks, for planes this package packed itself.
+
+    Nothing in it depends on the data, so it traces under torch.compile.
+    """
+    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    planes = ((packed.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :k]
     plane_weights = torch.tensor([1 << j for j in range(bits)], device=packed.device)
     plane_weights = plane_weights.to(torch.uint8).view(-1, *([1] * (planes.dim() - 1)))
     return (planes * plane_weights).sum(0, dtype=torch.uint8)

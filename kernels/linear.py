@@ -6,6 +6,11 @@ estimator, so gradients reach the master weights as if quantization were the
 identity (quantization-aware training). Eval quantizes the master weights once
 (cached until they change), packs them into bit planes and runs them through
 the dispatched kernel.
+
+Under torch.compile the eval forward reads the weights packed by ``eval()``,
+``load_state_dict()``, ``.to()`` or the last eager call: Dynamo cannot guard on a
+tensor's version counter, so after changing weights in place in eval mode, call
+``eval()`` again before calling a compiled model.
 """
 
 from __future__ import annotations
@@ -22,13 +27,7 @@ from bitscale.kernels.config import (
     check_group_size,
 )
 from bitscale.kernels.dispatch import linear_packed, resolve_backend
-from bitscale.kernels.format import (
-    BipolarTensor,
-    dequantize,
-    fake_quantize,
-    quantize,
-    unpack_bitplanes,
-)
+from bitscale.kernels.format import fake_quantize, quantize, unpack_trusted
 from bitscale.kernels.reference import PackedWeight, dequantized_linear, pack_weight
 from torch import nn
 from torch.nn import functional as F
@@ -78,6 +77,7 @@ class BipolarLinear(nn.Module):
         self._dequantized: torch.Tensor | None = None
         self._packed_key: tuple | None = None
         self.reset_parameters()
+        self.register_load_state_dict_post_hook(_pack_after_load)
 
     def reset_parameters(self) -> None:
         """nn.Linear's initialization."""
@@ -123,6 +123,16 @@ class BipolarLinear(nn.Module):
 
     def packed_weight(self) -> PackedWeight:
         """The quantized, bit-plane packed weight used in eval (recomputed when W changes)."""
+        if torch.compiler.is_compiling():
+            # Dynamo cannot guard on the version counter, so compiled graphs use the
+            # weights packed by eval(), load_state_dict(), .to() or the last eager call.
+            if self._packed is None:
+                raise RuntimeError(
+                    "BipolarLinear has no packed weights to compile with: call .eval() "
+                    "after its weights are loaded (or run one eager forward) before "
+                    "torch.compile"
+                )
+            return self._packed
         weight = self.weight
         # In-place updates (optimizer steps, load_state_dict, .copy_) bump the
         # version counter; .to() / replacing the parameter changes the storage.
@@ -148,8 +158,32 @@ class BipolarLinear(nn.Module):
         """
         packed = self.packed_weight()
         if self._dequantized is None:
+            if torch.compiler.is_compiling():
+                return _dequantize_packed(packed)  # no attribute writes in a graph
             self._dequantized = _dequantize_packed(packed)
         return self._dequantized
+
+    def train(self, mode: bool = True) -> BipolarLinear:
+        """Switching to eval packs the weights now, so torch.compile finds them ready."""
+        super().train(mode)
+        self._pack_if_eval()
+        return self
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> BipolarLinear:
+        super()._apply(fn, recurse)
+        self._packed = self._dequantized = self._packed_key = None
+        self._pack_if_eval()
+        return self
+
+    def _pack_if_eval(self) -> None:
+        """Prepare what the eval forward reads, so compiled graphs find it ready."""
+        weight = self.weight
+        if self.training or weight.device.type == "meta":
+            return
+        if resolve_backend(self.config.backend, weight.device) is Backend.REFERENCE:
+            self._reference_weight()
+        else:
+            self.packed_weight()
 
     def _eval_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         config = self.config
@@ -197,9 +231,18 @@ class BipolarLinear(nn.Module):
         )
 
 
+def _pack_after_load(module: BipolarLinear, incompatible_keys: object) -> None:
+    module._pack_if_eval()
+
+
 def _dequantize_packed(packed: PackedWeight) -> torch.Tensor:
-    codes = unpack_bitplanes(packed.planes, packed.bits, packed.in_features)
-    return dequantize(BipolarTensor(codes, packed.scales, packed.bits, 1, packed.group_size))
+    """float32 [N, K]: what dequantize() gives for these codes and scales, skipping its
+    checks of data this layer packed (they would stop torch.compile's tracing)."""
+    codes = unpack_trusted(packed.planes, packed.bits, packed.in_features)
+    levels = codes.to(torch.float32) * 2 - ((1 << packed.bits) - 1)
+    n, k = levels.shape
+    group = packed.group_k
+    return (levels.view(n, k // group, group) * packed.scales.unsqueeze(-1)).view(n, k)
 
 
 class _FrozenWeightLinear(torch.autograd.Function):
@@ -228,7 +271,7 @@ class _FrozenWeightLinear(torch.autograd.Function):
         layer: BipolarLinear = ctx.layer
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            weight = _dequantize_packed(layer.packed_weight())
+            weight = layer._reference_weight()
             grad_x = (grad_out.to(torch.float32) @ weight).to(grad_out.dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, layer.out_features).sum(0).to(ctx.bias_dtype)

@@ -1,0 +1,148 @@
+"""BipolarLinear under ``torch.compile(fullgraph=True)``.
+
+The Triton kernels enter graphs as one custom op (``bitscale::linear_packed``, checked
+with ``torch.library.opcheck``); compiled eval and QAT graphs are bitwise equal to
+eager; compiled graphs use the weights packed by eval(), load_state_dict() and .to().
+Without CUDA the Triton backend runs in the interpreter (tests/kernels/conftest.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from bitscale.kernels import BipolarLinear, quantize
+from bitscale.kernels.reference import pack_weight
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo() -> Iterator[None]:
+    """Every test compiles from scratch: BipolarLinear.forward is one code object, and
+    past Dynamo's recompile limit a call would quietly run eagerly."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _compile(module: nn.Module, backend: str = "aot_eager") -> tuple[nn.Module, object]:
+    counter = CompileCounterWithBackend(backend)
+    return torch.compile(module, fullgraph=True, backend=counter), counter
+
+
+def _layer(**options: object) -> BipolarLinear:
+    torch.manual_seed(0)
+    return BipolarLinear(64, 40, w_bits=3, **options)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize(("a_bits", "group_size"), [(16, None), (8, 16), (3, None)])
+def test_compiled_eval_forward_is_bitwise_eager(
+    backend: str, a_bits: int, group_size: int | None
+) -> None:
+    layer = _layer(a_bits=a_bits, group_size=group_size, backend=backend).eval()
+    x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(1))
+    compiled, counter = _compile(layer)
+    with torch.no_grad():
+        out = compiled(x)
+        assert counter.frame_count == 1
+        assert torch.equal(out, layer(x))
+
+
+def test_compiled_qat_step_is_bitwise_eager() -> None:
+    layer = _layer(a_bits=8, group_size=16, backend="reference")
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    eager = layer(x)
+    eager.square().sum().backward()
+    grads = (layer.weight.grad.clone(), layer.bias.grad.clone(), x.grad.clone())
+    layer.zero_grad()
+    x.grad = None
+    compiled, counter = _compile(layer)
+    out = compiled(x)
+    out.square().sum().backward()
+    assert counter.frame_count == 1
+    assert torch.equal(out, eager)
+    for got, expected in zip((layer.weight.grad, layer.bias.grad, x.grad), grads, strict=True):
+        assert torch.equal(got, expected)
+
+
+def test_compiled_eval_passes_input_gradients() -> None:
+    layer = _layer(a_bits=16, backend="triton").eval()
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    layer(x).sum().backward()
+    expected = x.grad.clone()
+    x.grad = None
+    compiled, counter = _compile(layer)
+    compiled(x).sum().backward()
+    assert counter.frame_count == 1
+    assert torch.equal(x.grad, expected)
+
+
+def test_compiled_graph_uses_reloaded_and_moved_weights() -> None:
+    layer = _layer(backend="reference").eval()
+    other = BipolarLinear(64, 40, w_bits=3, backend="reference")
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
+    compiled, counter = _compile(layer)
+    with torch.no_grad():
+        before = compiled(x)
+        layer.load_state_dict(other.state_dict())
+        reloaded = compiled(x)
+        expected = other.eval()(x)
+        assert torch.equal(reloaded, expected) and not torch.equal(reloaded, before)
+        with torch.no_grad():
+            layer.weight.mul_(-1)  # in place, then .to(): re-packed from the new values
+        layer.to(torch.float32)
+        assert torch.equal(compiled(x), layer(x))
+        assert not torch.equal(compiled(x), reloaded)
+    assert counter.frame_count == 1
+
+
+def test_quantized_mlp_compiles_with_inductor() -> None:
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16))
+    for name in ("0", "2"):
+        setattr(
+            mlp,
+            name,
+            BipolarLinear.from_linear(getattr(mlp, name), w_bits=4, a_bits=8, backend="reference"),
+        )
+    mlp.eval()
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(1))
+    compiled, counter = _compile(mlp, backend="inductor")
+    with torch.no_grad():
+        out = compiled(x)
+        expected = mlp(x)
+    assert counter.frame_count == 1
+    # Inductor may fuse and reorder the float epilogue; the integer codes are the same.
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("a_bits", "method"), [(16, "absmax"), (8, "absmax"), (4, "meanabs")])
+def test_linear_packed_op_passes_opcheck(a_bits: int, method: str) -> None:
+    generator = torch.Generator().manual_seed(0)
+    packed = pack_weight(quantize(torch.randn(24, 48, generator=generator), 3, group_size=16))
+    rows = torch.randn(5, 48, generator=generator)
+    bias = torch.randn(24, generator=generator)
+    args = (
+        rows,
+        packed.planes,
+        packed.scales,
+        packed.centred_rowsums,
+        bias,
+        packed.bits,
+        packed.in_features,
+        packed.group_size,
+        a_bits,
+        method,
+    )
+    torch.library.opcheck(torch.ops.bitscale.linear_packed.default, args)
+
+
+def test_compiling_an_unpacked_eval_layer_stops_with_the_fix() -> None:
+    layer = BipolarLinear(64, 40, w_bits=3, backend="reference", device="meta").eval()
+    compiled, _ = _compile(layer)
+    with pytest.raises(RuntimeError) as excinfo:  # Dynamo's Unsupported, caused by ours
+        compiled(torch.randn(2, 64, device="meta"))
+    assert "call .eval() after its weights are loaded" in str(excinfo.value.__cause__)
