@@ -178,7 +178,9 @@ class BipolarLinear(nn.Module):
     def _pack_if_eval(self) -> None:
         """Prepare what the eval forward reads, so compiled graphs find it ready."""
         weight = self.weight
-        if self.training or weight.device.type == "meta":
+        # Only plain local tensors: a sharded (FSDP2 / DTensor) weight is quantized in the
+        # forward, once the wrapper has gathered it; a meta one has no values yet.
+        if self.training or type(weight.data) is not torch.Tensor or weight.is_meta:
             return
         if resolve_backend(self.config.backend, weight.device) is Backend.REFERENCE:
             self._reference_weight()

@@ -9,6 +9,8 @@ import torch
 from bitscale.kernels import BipolarLinear, dequantize, quantize, quantize_model
 from torch import nn
 
+from bitscale.testing import run_on_ranks
+
 # AUTO runs the Triton interpreter on CPU here (conftest), compiled Triton on a GPU.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -211,3 +213,22 @@ def test_bfloat16_layer_trains_and_evaluates(backend: str) -> None:
     bias = layer.bias.detach().float().cpu().abs()
     bound = 4 * 2.0**-8 * (x_q.abs() @ w_q.abs().t() + bias)
     assert ((eval_out.float().cpu() - out.detach().float().cpu()).abs() <= bound).all()
+
+
+def _eval_under_fsdp2(rank: int, world_size: int) -> bool:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    sharded = BipolarLinear(16, 8, w_bits=4, a_bits=8, backend="reference")
+    whole = BipolarLinear(16, 8, w_bits=4, a_bits=8, backend="reference")
+    whole.load_state_dict(sharded.state_dict())
+    fully_shard(sharded)
+    sharded.eval()  # the weight is a DTensor shard here: packing waits for the forward
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return torch.equal(sharded(x), whole.eval()(x))
+
+
+@pytest.mark.dist
+def test_eval_under_fsdp2_quantizes_the_gathered_weight() -> None:
+    assert run_on_ranks(_eval_under_fsdp2, 2, timeout=120) == [True, True]
