@@ -66,15 +66,10 @@ class KernelStatus:
         return f"{self.mode.value} ({self.reason})"
 
 
-# Constants under torch.compile, which cannot trace find_spec or os.environ; neither
-# answer changes while kernels run (TRITON_INTERPRET is pinned once they load, see
-# _triton_module).
-@torch.compiler.assume_constant_result
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-@torch.compiler.assume_constant_result
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
