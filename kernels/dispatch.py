@@ -251,18 +251,7 @@ def _triton_linear_op(
 
 
 @_triton_linear_op.register_fake
-def _(
-    rows: torch.Tensor,
-    planes: torch.Tensor,
-    scales: torch.Tensor,
-    centred_rowsums: torch.Tensor,
-    bias: torch.Tensor | None,
-    w_bits: int,
-    in_features: int,
-    group_size: int | None,
-    a_bits: int,
-    activation_method: str,
-) -> torch.Tensor:
+def _(rows: torch.Tensor, planes: torch.Tensor, *weight_and_options: object) -> torch.Tensor:
     return rows.new_empty((rows.shape[0], planes.shape[1]))
 
 

@@ -84,41 +84,22 @@ def _compile_all() -> list[str]:
             tile=tile,
         )
     both = (hopper, ampere)
-    build(
-        triton_gemm._bipolar_gemm_kernel,
-        gemm_signature("*bf16"),
-        gemm_flags(1),
-        "w1 bf16",
-        targets=both,
-    )
-    build(
-        triton_gemm._bipolar_gemm_kernel,
-        gemm_signature("*fp16"),
-        gemm_flags(8, wide=True),
-        "w8 fp16 int64 accumulate",
-        targets=both,
-    )
-    build(
-        triton_gemm._bipolar_gemm_kernel,
-        gemm_signature("*fp32"),
-        gemm_flags(3),
-        "w3 fp32",
-        targets=both,
-    )
-    build(
-        triton_gemm._bipolar_gemm_kernel,
-        gemm_signature("*i64"),
-        gemm_flags(5, int_out=True),
-        "w5 int64 out",
-        targets=both,
-    )
-    build(
-        triton_gemm._bipolar_gemm_kernel,
-        gemm_signature("*i64"),
-        gemm_flags(8, int_out=True, wide=True),
-        "w8 int64 out int64 accumulate",
-        targets=both,
-    )
+    # (output, W_BITS, INT_OUT, WIDE_ACC): each float output dtype, int64 products, and the
+    # int64 tile accumulator W8A8 switches to past G ~ 131k.
+    for out, w_bits, int_out, wide in (
+        ("*bf16", 1, False, False),
+        ("*fp16", 8, False, True),
+        ("*fp32", 3, False, False),
+        ("*i64", 5, True, False),
+        ("*i64", 8, True, True),
+    ):
+        build(
+            triton_gemm._bipolar_gemm_kernel,
+            gemm_signature(out),
+            gemm_flags(w_bits, int_out=int_out, wide=wide),
+            f"w{w_bits} {out[1:]}{' int64 accumulate' if wide else ''}",
+            targets=both,
+        )
 
     quantize_signature = {
         "codes_ptr": "*i8",
