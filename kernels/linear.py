@@ -182,7 +182,13 @@ class BipolarLinear(nn.Module):
         # forward, once the wrapper has gathered it; a meta one has no values yet.
         if self.training or type(weight.data) is not torch.Tensor or weight.is_meta:
             return
-        if resolve_backend(self.config.backend, weight.device) is Backend.REFERENCE:
+        try:
+            backend = resolve_backend(self.config.backend, weight.device)
+        except RuntimeError:
+            # backend="triton" on a CPU weight, say on its way to .cuda(): the forward
+            # reports it if the layer is called here; .to() packs again on arrival.
+            return
+        if backend is Backend.REFERENCE:
             self._reference_weight()
         else:
             self.packed_weight()

@@ -146,3 +146,13 @@ def test_compiling_an_unpacked_eval_layer_stops_with_the_fix() -> None:
     with pytest.raises(RuntimeError) as excinfo:  # Dynamo's Unsupported, caused by ours
         compiled(torch.randn(2, 64, device="meta"))
     assert "call .eval() after its weights are loaded" in str(excinfo.value.__cause__)
+
+
+def test_eval_before_moving_a_triton_layer_to_its_device_does_not_raise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET")  # backend="triton" cannot run on these CPU weights
+    layer = _layer(backend="triton").eval()
+    assert layer._packed is None
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run"):
+        layer(torch.randn(2, 64))
