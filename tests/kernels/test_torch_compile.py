@@ -156,3 +156,21 @@ def test_eval_before_moving_a_triton_layer_to_its_device_does_not_raise(
     assert layer._packed is None
     with pytest.raises(RuntimeError, match="backend 'triton' cannot run"):
         layer(torch.randn(2, 64))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("a_bits", [16, 8])
+def test_gpu_decode_step_under_cuda_graphs(a_bits: int) -> None:
+    """The decode shape (M=1, bf16) through inductor with CUDA graphs: the custom op's
+    launches are captured and replayed, with eager's exact output."""
+    torch.manual_seed(0)
+    layer = BipolarLinear(1024, 512, w_bits=4, a_bits=a_bits, backend="triton")
+    layer = layer.to("cuda", torch.bfloat16).eval()
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = layer(x)  # autotunes outside the capture
+        compiled = torch.compile(layer, fullgraph=True, mode="reduce-overhead")
+        for _ in range(3):  # warm-up, record, replay
+            out = compiled(x)
+        torch.cuda.synchronize()
+    assert torch.equal(out, expected)
