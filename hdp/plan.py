@@ -43,7 +43,7 @@ import hashlib
 import heapq
 import math
 import operator
-from bisect import bisect_left, insort
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -287,20 +287,26 @@ def plan_batch(
        the mean rank load; the whole plan is kept only if its estimated makespan beats the
        plan without offloading (longer rigid rings can pack worse than they save).
        With ``widen``, a ring that alone would outlast the mean rank load (so would set the
-       step time) gets more ranks while that shortens it; off by default, so every ring has
-       the minimum d.
+       step time) gets more ranks while that shortens it; then, with ``balance``, rings that
+       cannot run side by side (a ring of d ranks leaves world_size - d for all others)
+       and so end after the rest of the work are widened too: a greedy search over their
+       sizes on a makespan bound of the ring placement (`_widen_rigid`), and the widened
+       plan is kept only if its estimated makespan beats the plan without. Widening only
+       ever adds ranks (sizes stay powers of two or world_size under pow2); it is off by
+       default, so every ring has the minimum d.
     2. Sequences that fit are packed best-fit-decreasing into single-rank items of at most
        ``capacity`` tokens (same worst-case bound as first-fit-decreasing; O(n log n) with
        bisect where first-fit needs a segment tree): per rank after balancing, or globally
        with ``balance=False``.
     3. ``balance=True``: multi-rank items (d, then length, descending) go to the d least-loaded
        ranks (inside one node when a node has d ranks free as early; ties to lower ranks)
-       and start when the last of them is free; then single sequences, most expensive
-       first, go to the rank with the least busy time (LPT), so cheap ranks get more
-       micro-batches; each rank packs its sequences and runs them first in the idle windows
-       its rings left (backfilling), then after its rings.
+       and start when the last of them is free; then the idle windows this leaves (ranks
+       waiting for a ring's last member) are filled first (backfilling), each with the
+       longest single sequences of the batch that fit its time and capacity; the other
+       single sequences, most expensive first, go to the rank that is free first (LPT), so
+       cheap ranks get more micro-batches, and each rank packs its own after its rings.
        With ``pipeline_stages`` p > 1 (each rank a 1F1B pipeline), a rank's LPT priority is
-       its busy time + (p - 1) * its largest micro-batch (the 1F1B critical path), so
+       when it is free + (p - 1) * its largest micro-batch (the 1F1B critical path), so
        pipelines that hold a long item get fewer others (ByteScale's PP-Balance).
        ``balance=False``: items in arrival order go to the ranks with the fewest items (equal
        micro-batch counts, as static systems do).
@@ -346,147 +352,33 @@ def plan_batch(
         key=lengths_t.__getitem__,
         reverse=True,
     )
-    load = [0.0] * world_size
-    largest = [0.0] * world_size  # per rank: longest ring so far (for pipeline_stages > 1)
-    # Per rank: [start, end) idle windows before rings that waited for their last member.
-    gaps: list[list[list[float]]] = [[] for _ in range(world_size)]
-    # (start, placement index, ranks, shards, chunk_size, offload ratio, time)
-    placed: list[tuple[float, int, tuple[int, ...], tuple, int, float, float]] = []
-
-    def place_multi(seq_id: int, chosen: list[int]) -> None:
-        ranks = tuple(sorted(chosen))
-        shards, chunk = _zigzag_shards(seq_id, lengths_t[seq_id], len(ranks))
-        ratio = ratio_of[seq_id]
-        time = cost.micro_batch_time(
-            [2 * len(ranks) * chunk], ranks, offload_ratio=ratio, offload=offload
-        )
-        start = max(load[r] for r in ranks)
-        for r in ranks:
-            if load[r] < start:
-                gaps[r].append([load[r], start])
-            load[r] = start + time
-            largest[r] = max(largest[r], time)
-        placed.append((start, len(placed), ranks, shards, chunk, ratio, time))
-
-    def place_bin(rank: int, seq_ids: list[int], backfill: bool) -> None:
-        time = cost.compute_time([lengths_t[i] for i in seq_ids])
-        shard = tuple([(i, 0, lengths_t[i]) for i in seq_ids])
-        if backfill:
-            for gap in gaps[rank]:
-                if gap[0] + time <= gap[1]:
-                    placed.append((gap[0], len(placed), (rank,), (shard,), 0, 0.0, time))
-                    gap[0] += time
-                    return
-        placed.append((load[rank], len(placed), (rank,), (shard,), 0, 0.0, time))
-        load[rank] += time
-
-    def fill_gaps(rank: int, seq_ids: list[int]) -> list[int]:
-        """Pack the rank's idle windows first, each bin greedily with the longest sequences
-        that still fit in time and capacity; return the sequences left for after its rings.
-        (Capacity-sized bins are too coarse for windows of a few percent of a bin.)"""
-        left = seq_ids
-        for gap in gaps[rank]:
-            while left:
-                chosen: list[int] = []
-                rest: list[int] = []
-                tokens, time = 0, cost.gamma
-                for i in left:
-                    n = lengths_t[i]
-                    t = cost.alpha * n * n + cost.beta * n
-                    if tokens + n <= capacity and gap[0] + time + t <= gap[1]:
-                        chosen.append(i)
-                        tokens += n
-                        time += t
-                    else:
-                        rest.append(i)
-                if not chosen:
-                    break
-                place_bin(rank, chosen, backfill=True)
-                left = rest
-        return left
-
     if balance:
-        # Heap of (load, rank): ties go to the lower rank, so first-wave rings are contiguous.
-        heap = [(0.0, r) for r in range(world_size)]
-        for seq_id in sorted(long_ids, key=lambda i: (-d_of[i], -lengths_t[i], i)):
-            d = d_of[seq_id]
-            popped = [heapq.heappop(heap) for _ in range(d)]
-            if d <= cost.node_size:
-                popped = _prefer_one_node(heap, popped, d, cost.node_size)
-            chosen = [r for _, r in popped[:d]]
-            for entry in popped[d:]:
-                heapq.heappush(heap, entry)
-            place_multi(seq_id, chosen)
-            for r in chosen:
-                heapq.heappush(heap, (load[r], r))
-        # LPT over single sequences (not over bins: a whole bin is too coarse a unit to even
-        # out ranks that hold ~10 micro-batches) by busy time, so idle windows before rings
-        # count as free; then each rank packs its own sequences and backfills those windows
-        # first (a single-rank item needs no partner, so running it early is always legal).
-        # gamma is charged per capacity tokens, which is what packing will cost.
-        # With pipeline stages (1F1B) a rank costs busy + (p - 1) * its largest micro-batch,
-        # so pipelines that already hold a long item get fewer others (PP-aware balance).
-        bubble = pipeline_stages - 1
-        busy = [load[r] - sum(g[1] - g[0] for g in gaps[r]) for r in range(world_size)]
-        heap = [(busy[r] + bubble * largest[r], r) for r in range(world_size)]
-        heapq.heapify(heap)
-        per_rank: list[list[int]] = [[] for _ in range(world_size)]
-        alpha, beta = cost.alpha, cost.beta + cost.gamma / capacity
-        heappushpop = heapq.heappushpop
-        if singles:
-            r = heapq.heappop(heap)[1]
-            for seq_id in singles:
-                L = lengths_t[seq_id]
-                per_rank[r].append(seq_id)
-                work = alpha * L * L + beta * L
-                busy[r] += work
-                if bubble:
-                    largest[r] = max(largest[r], work + cost.gamma)
-                r = heappushpop(heap, (busy[r] + bubble * largest[r], r))[1]
-        for r, seq_ids in enumerate(per_rank):
-            if seq_ids and gaps[r]:
-                seq_ids = fill_gaps(r, seq_ids)
-            for packed in _pack_best_fit(seq_ids, lengths_t, capacity):
-                place_bin(r, packed, backfill=True)
+        timeline = _place_rings(d_of, ratio_of, lengths_t, world_size, cost, offload)
+        wider, wider_bound = None, 0.0
+        if widen and long_ids:
+            # The work LPT spreads over the ranks, gamma charged per capacity tokens as LPT does.
+            beta = cost.beta + cost.gamma / capacity
+            singles_work = sum(
+                cost.alpha * n * n + beta * n for n in map(lengths_t.__getitem__, singles)
+            )
+            wider = _widen_rigid(
+                timeline, d_of, ratio_of, lengths_t, world_size, cost, rule, offload, singles_work
+            )
+            if wider is not None:
+                wider_bound = wider.bound(singles_work)[0]
+        args = (singles, ratio_of, lengths_t, world_size, capacity, cost, pipeline_stages)
+        plan = _balanced_plan(timeline, *args)
+        # The bound ignores how whole sequences fit into idle windows, so the widened rings
+        # are kept only if the plan they give really ends sooner; the bound is a lower bound
+        # of that plan's makespan, so it is not built when it cannot.
+        if wider is not None and wider_bound < plan.stats.makespan:
+            candidate = _balanced_plan(wider, *args)
+            if candidate.stats.makespan < plan.stats.makespan:
+                plan = candidate
     else:
-        # Items in arrival order (first sequence id) to the ranks with the fewest items.
-        bins = _pack_best_fit(singles, lengths_t, capacity)
-        units = sorted(
-            [(i, True, i) for i in long_ids] + [(min(b), False, k) for k, b in enumerate(bins)]
+        plan = _arrival_order_plan(
+            long_ids, singles, d_of, ratio_of, lengths_t, world_size, capacity, cost, offload
         )
-        heap_count = [(0, r) for r in range(world_size)]
-        for _, is_multi, key in units:
-            popped = [heapq.heappop(heap_count) for _ in range(d_of[key] if is_multi else 1)]
-            if is_multi:
-                place_multi(key, [r for _, r in popped])
-            else:
-                place_bin(popped[0][1], bins[key], backfill=False)
-            for count, r in popped:
-                heapq.heappush(heap_count, (count + 1, r))
-
-    placed.sort(key=lambda entry: (entry[0], entry[1]))
-    items = tuple(
-        WorkItem(
-            item_id=k,
-            ranks=ranks,
-            shards=shards,
-            chunk_size=chunk,
-            offload_ratio=ratio,
-            est_time=time,
-        )
-        for k, (_, _, ranks, shards, chunk, ratio, time) in enumerate(placed)
-    )
-    mb_times = {k: entry[6] for k, entry in enumerate(placed)}
-    stats = _plan_stats(items, mb_times, world_size, lengths_t, cost)
-    plan = Plan(
-        items=items,
-        world_size=world_size,
-        capacity=capacity,
-        lengths=lengths_t,
-        stats=stats,
-        strategy="hdp",
-        cost=cost,
-    )
     if any(ratio_of.values()):
         plain = plan_batch(
             lengths_t,
@@ -501,6 +393,421 @@ def plan_batch(
         if plain.stats.makespan <= plan.stats.makespan:
             return plain
     return plan
+
+
+# (start, placement index, ranks, shards, chunk_size, offload ratio, per-rank seconds)
+_Placed = tuple[float, int, tuple[int, ...], tuple[tuple[Range, ...], ...], int, float, float]
+
+_RIGID_EVALUATIONS = 48
+"""Most ring placements `_widen_rigid` tries per plan. In the 24 simulated 70B/MoE steps
+of issue 5 (128-1,536 ranks, 256K-2M context) the search stops by itself within 23,
+except 70B on 512 ranks at 2M, where placements 24-48 lower the bound by 0.45 %."""
+
+_RIGID_WORK = 100_000
+"""Most rank assignments (sum of ring sizes over all tried placements) `_widen_rigid`
+spends: one costs ~4 us, so at most ~0.4 s, which caps the search at one placement for
+16,384 ranks x 8,000 rings (LLaMA-7B, 2M context: 61,577 ranks in rings) and leaves
+the 48 for the tens to hundreds of rings whose rigid packing costs 5-20 % of a step."""
+
+
+class _Timeline:
+    """Per-rank state of the balance scheduler while rings are placed.
+
+    ``load``: when the rank is next free; ``gaps``: its ``[start, end)`` idle windows before
+    rings that waited for their last member (backfilling shrinks them from the front);
+    ``idle``: their total length when made; ``largest``: its longest ring (pipeline
+    balance); ``rings``: ``(seq_id, ranks, start, time, blocker)`` in placement order, where
+    ``blocker`` is the index of the ring whose end set this ring's start (-1: it started at 0
+    or on ranks freed by single-rank work).
+    """
+
+    def __init__(self, world_size: int) -> None:
+        self.load = [0.0] * world_size
+        self.idle = [0.0] * world_size
+        self.largest = [0.0] * world_size
+        self.gaps: list[list[list[float]]] = [[] for _ in range(world_size)]
+        self.rings: list[tuple[int, tuple[int, ...], float, float, int]] = []
+        self._last_ring = [-1] * world_size
+
+    def add_ring(self, seq_id: int, ranks: tuple[int, ...], time: float) -> float:
+        """Run the ring when its last rank is free; returns its start."""
+        load, index = self.load, len(self.rings)
+        start = max(load[r] for r in ranks)
+        blocker = -1
+        for r in ranks:
+            if load[r] < start:
+                self.gaps[r].append([load[r], start])
+                self.idle[r] += start - load[r]
+            elif blocker < 0 < start:
+                blocker = self._last_ring[r]
+            load[r] = start + time
+            self.largest[r] = max(self.largest[r], time)
+            self._last_ring[r] = index
+        self.rings.append((seq_id, ranks, start, time, blocker))
+        return start
+
+    def add_single(self, rank: int, time: float) -> None:
+        """Single-rank work after everything the rank has so far."""
+        self.load[rank] += time
+        self._last_ring[rank] = -1
+
+    def critical_chain(self) -> list[int]:
+        """Indices of the rings that end last and of those each waited for, latest first."""
+        ends = [start + time for _, _, start, time, _ in self.rings]
+        index = ends.index(max(ends))
+        chain = []
+        while index >= 0:
+            chain.append(index)
+            index = self.rings[index][4]
+        return chain
+
+    def free_beside(self, index: int, world_size: int) -> int:
+        """Ranks that no other ring uses at any moment while ring ``index`` runs: it could
+        have that many more without waiting for, or delaying, the rings beside it."""
+        _, ranks, start, time, _ = self.rings[index]
+        end = start + time
+        # Sweep the other rings' starts and ends inside this one's interval (ends first at
+        # equal times: a ring ending when another starts does not overlap it).
+        events = []
+        for k, (_, other, other_start, other_time, _) in enumerate(self.rings):
+            if k != index and other_start < end and other_start + other_time > start:
+                events.append((max(other_start, start), 1, len(other)))
+                events.append((other_start + other_time, 0, -len(other)))
+        used = busiest = 0
+        for _, _, change in sorted(events):
+            used += change
+            busiest = max(busiest, used)
+        return world_size - len(ranks) - busiest
+
+    def bound(self, singles_work: float) -> tuple[float, float]:
+        """(makespan bound, level): ``level`` is the busy time every rank reaches when
+        ``singles_work`` is poured into the least busy ranks (idle windows count as free:
+        backfilling fills them first); no plan of these rings ends before
+        max(level, the last ring's end), and it ends later where whole sequences do not
+        fill the windows or even out the ranks."""
+        busy = sorted(load - idle for load, idle in zip(self.load, self.idle, strict=True))
+        level, filled = busy[-1], 0.0
+        for k, b in enumerate(busy, start=1):
+            filled += b
+            level = (filled + singles_work) / k
+            if k == len(busy) or level <= busy[k]:
+                break
+        return max(level, max(self.load)), level
+
+
+def _ring_time(
+    cost: CostModel, length: int, ranks: Sequence[int], ratio: float, offload: OffloadConfig | None
+) -> float:
+    return cost.micro_batch_time(
+        [_padded(length, len(ranks))], ranks, offload_ratio=ratio, offload=offload
+    )
+
+
+def _place_rings(
+    d_of: dict[int, int],
+    ratio_of: dict[int, float],
+    lengths: tuple[int, ...],
+    world_size: int,
+    cost: CostModel,
+    offload: OffloadConfig | None,
+) -> _Timeline:
+    """Balance scheduler, multi-rank part: rings (d, then length, descending) on the d
+    least-loaded ranks, inside one node when a node has d ranks free as early."""
+    timeline = _Timeline(world_size)
+    # Heap of (load, rank): ties go to the lower rank, so first-wave rings are contiguous.
+    heap = [(0.0, r) for r in range(world_size)]
+    for seq_id in sorted(d_of, key=lambda i: (-d_of[i], -lengths[i], i)):
+        d = d_of[seq_id]
+        popped = [heapq.heappop(heap) for _ in range(d)]
+        if d <= cost.node_size:
+            popped = _prefer_one_node(heap, popped, d, cost.node_size)
+        chosen = [r for _, r in popped[:d]]
+        for entry in popped[d:]:
+            heapq.heappush(heap, entry)
+        ranks = tuple(sorted(chosen))
+        time = _ring_time(cost, lengths[seq_id], ranks, ratio_of[seq_id], offload)
+        timeline.add_ring(seq_id, ranks, time)
+        for r in chosen:
+            heapq.heappush(heap, (timeline.load[r], r))
+    return timeline
+
+
+def _wider_sizes(
+    length: int,
+    d: int,
+    target: float,
+    free: int,
+    world_size: int,
+    cost: CostModel,
+    rule: GroupRule,
+) -> list[tuple[int, float]]:
+    """(size, time) of the ring sizes above d to try for a ring that should take at most
+    ``target`` seconds and has ``free`` ranks idle beside it: the least size that is that
+    fast (by bisection: time falls with d apart from padding and tile wiggles), the size
+    that takes exactly the idle ranks, one step up (d + 1, or 2d under pow2) for when
+    neither exists, and world_size (time is not convex in d, so the sizes in between are
+    no guide). Under pow2 every size is a power of two or world_size. Times assume ranks
+    0..size-1, as `_widen` does."""
+    if rule is GroupRule.POW2:
+        ladder = [1 << k for k in range(d.bit_length(), world_size.bit_length())]
+        ladder = [size for size in ladder if d < size < world_size] + [world_size]
+    else:
+        ladder = list(range(d + 1, world_size + 1))
+    if not ladder:
+        return []
+
+    def time_on(size: int) -> float:
+        return cost.micro_batch_time([_padded(length, size)], range(size))
+
+    lo, hi = 0, len(ladder)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if time_on(ladder[mid]) <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    fitting = bisect_right(ladder, d + free) - 1
+    picks = [lo, fitting, 0, len(ladder) - 1]
+    sizes = dict.fromkeys(ladder[k] for k in picks if 0 <= k < len(ladder))
+    return [(size, time_on(size)) for size in sizes]
+
+
+def _widen_rigid(
+    timeline: _Timeline,
+    d_of: dict[int, int],
+    ratio_of: dict[int, float],
+    lengths: tuple[int, ...],
+    world_size: int,
+    cost: CostModel,
+    rule: GroupRule,
+    offload: OffloadConfig | None,
+    singles_work: float,
+) -> _Timeline | None:
+    """Widen rings that cannot run side by side and so end after the rest of the work.
+
+    A ring needs all of its ranks at once: a 90-rank ring on 128 ranks leaves 38, so a
+    41-rank ring must follow it, and the two in a row outlast the mean load although
+    neither does alone (what `_widen` checks). Greedy descent on `_Timeline.bound`: take
+    the chain of rings that ends last; for each of its rings, give it and every ring of its
+    size each of the `_wider_sizes` for the time the chain must lose; keep the placement
+    with the lowest bound; repeat while the bound falls. A size is skipped without placing
+    it when the rank-seconds it adds already lift the mean load to the bound (a world_size
+    ring runs alone, so the rest of the work comes after it). At most `_RIGID_EVALUATIONS`
+    placements and `_RIGID_WORK` rank assignments. Returns the widened placement, or None
+    when no widening lowers the bound.
+    """
+    best, level = timeline.bound(singles_work)
+    if best <= level:
+        return None
+    placements = min(_RIGID_EVALUATIONS, _RIGID_WORK // sum(d_of.values()))
+    best_d, best_timeline = d_of, timeline
+    while best > level and placements > 0:
+        excess = best - level
+        rank_seconds = sum(best_timeline.load) - sum(best_timeline.idle) + singles_work
+        found = None
+        for index in best_timeline.critical_chain():
+            seq_id, ranks, _, time, _ = best_timeline.rings[index]
+            if ratio_of[seq_id] > 0.0:
+                continue
+            d = len(ranks)
+            free = best_timeline.free_beside(index, world_size)
+            # Rings of one size tend to run in parallel waves, each chain ending about when
+            # this one does: widening only this ring would leave the step as long.
+            peers = [i for i, size in best_d.items() if size == d and ratio_of[i] == 0.0]
+            for size, size_time in _wider_sizes(
+                lengths[seq_id], d, time - excess, free, world_size, cost, rule
+            ):
+                # Estimated from this ring's times: the peers hold sequences of similar
+                # length (same size), and a world_size ring runs alone.
+                rest = rank_seconds - len(peers) * d * time
+                floor = (
+                    len(peers) * size_time + rest / world_size
+                    if size == world_size
+                    else (rest + len(peers) * size * size_time) / world_size
+                )
+                limit = found[0] if found else best * (1 - 1e-9)
+                if floor >= limit or placements == 0:
+                    continue
+                trial = {**best_d, **dict.fromkeys(peers, size)}
+                trial_timeline = _place_rings(trial, ratio_of, lengths, world_size, cost, offload)
+                placements -= 1
+                trial_bound, trial_level = trial_timeline.bound(singles_work)
+                if trial_bound < limit:
+                    found = (trial_bound, trial_level, trial, trial_timeline)
+        if found is None:
+            break
+        best, level, best_d, best_timeline = found
+    return None if best_d is d_of else best_timeline
+
+
+def _balanced_plan(
+    timeline: _Timeline,
+    singles: list[int],
+    ratio_of: dict[int, float],
+    lengths: tuple[int, ...],
+    world_size: int,
+    capacity: int,
+    cost: CostModel,
+    pipeline_stages: int,
+) -> Plan:
+    """Balance scheduler, single-rank part, on the rings of ``timeline`` (which it fills)."""
+    placed: list[_Placed] = []
+    for seq_id, ranks, start, time, _ in timeline.rings:
+        shards, chunk = _zigzag_shards(seq_id, lengths[seq_id], len(ranks))
+        placed.append((start, len(placed), ranks, shards, chunk, ratio_of[seq_id], time))
+    load, gaps = timeline.load, timeline.gaps
+
+    def place_bin(rank: int, seq_ids: list[int]) -> None:
+        time = cost.compute_time([lengths[i] for i in seq_ids])
+        shard = tuple([(i, 0, lengths[i]) for i in seq_ids])
+        for gap in gaps[rank]:
+            if gap[0] + time <= gap[1]:
+                placed.append((gap[0], len(placed), (rank,), (shard,), 0, 0.0, time))
+                gap[0] += time
+                return
+        placed.append((load[rank], len(placed), (rank,), (shard,), 0, 0.0, time))
+        load[rank] += time
+
+    # Idle windows first: a rank waiting for the last member of its next ring idles anyway,
+    # so each window takes, bin by bin, the longest sequences of the whole batch that still
+    # fit in its time and capacity (a single-rank item needs no partner, so running it
+    # early is always legal). Filling them from each rank's own share instead leaves a
+    # window empty whenever that share holds only sequences too long for it (70B, 512
+    # ranks, 256K context: 1.2 s of a 28.6 s step).
+    def work(n: int) -> float:  # compute of one sequence without the call's gamma
+        return cost.compute_time([n]) - cost.gamma
+
+    pool: dict[int, list[int]] = {}
+    for seq_id in reversed(singles):  # pop() then takes the lowest id of a length
+        pool.setdefault(lengths[seq_id], []).append(seq_id)
+    sizes = sorted(pool)
+    taken: set[int] = set()
+    for rank in range(world_size):
+        for gap in gaps[rank]:
+            while sizes:
+                chosen: list[int] = []
+                tokens, room = capacity, gap[1] - gap[0] - cost.gamma
+                while sizes:
+                    # work() grows with n, so both limits are bisections.
+                    k = min(bisect_right(sizes, tokens), bisect_right(sizes, room, key=work)) - 1
+                    if k < 0:
+                        break
+                    n = sizes[k]
+                    chosen.append(pool[n].pop())
+                    taken.add(chosen[-1])
+                    if not pool[n]:
+                        del pool[n], sizes[k]
+                    tokens -= n
+                    room -= work(n)
+                if not chosen:
+                    break
+                start = gap[0]
+                place_bin(rank, chosen)
+                if gap[0] == start:  # summed in another order, it missed by a rounding
+                    break
+    left = [seq_id for seq_id in singles if seq_id not in taken]
+
+    # LPT over the other single sequences (not over bins: a whole bin is too coarse a unit
+    # to even out ranks that hold ~10 micro-batches) by when each rank is free; then each
+    # rank packs its own. gamma is charged per capacity tokens, which is what packing will
+    # cost. With pipeline stages (1F1B) a rank costs its load + (p - 1) * its largest
+    # micro-batch, so pipelines that already hold a long item get fewer others (PP-aware
+    # balance).
+    bubble = pipeline_stages - 1
+    largest = timeline.largest
+    heap = [(load[r] + bubble * largest[r], r) for r in range(world_size)]
+    heapq.heapify(heap)
+    per_rank: list[list[int]] = [[] for _ in range(world_size)]
+    free_at = list(load)
+    alpha, beta = cost.alpha, cost.beta + cost.gamma / capacity
+    heappushpop = heapq.heappushpop
+    if left:
+        r = heapq.heappop(heap)[1]
+        for seq_id in left:
+            L = lengths[seq_id]
+            per_rank[r].append(seq_id)
+            seconds = alpha * L * L + beta * L
+            free_at[r] += seconds
+            if bubble:
+                largest[r] = max(largest[r], seconds + cost.gamma)
+            r = heappushpop(heap, (free_at[r] + bubble * largest[r], r))[1]
+    for r, seq_ids in enumerate(per_rank):
+        for packed in _pack_best_fit(seq_ids, lengths, capacity):
+            place_bin(r, packed)
+    return _finish_plan(placed, world_size, capacity, lengths, cost)
+
+
+def _arrival_order_plan(
+    long_ids: list[int],
+    singles: list[int],
+    d_of: dict[int, int],
+    ratio_of: dict[int, float],
+    lengths: tuple[int, ...],
+    world_size: int,
+    capacity: int,
+    cost: CostModel,
+    offload: OffloadConfig | None,
+) -> Plan:
+    """No balance scheduler: items in arrival order (first sequence id) go to the ranks
+    with the fewest items, each after everything those ranks have so far."""
+    timeline = _Timeline(world_size)
+    placed: list[_Placed] = []
+    bins = _pack_best_fit(singles, lengths, capacity)
+    units = sorted(
+        [(i, True, i) for i in long_ids] + [(min(b), False, k) for k, b in enumerate(bins)]
+    )
+    heap_count = [(0, r) for r in range(world_size)]
+    for _, is_multi, key in units:
+        popped = [heapq.heappop(heap_count) for _ in range(d_of[key] if is_multi else 1)]
+        if is_multi:
+            ranks = tuple(sorted(r for _, r in popped))
+            shards, chunk = _zigzag_shards(key, lengths[key], len(ranks))
+            ratio = ratio_of[key]
+            time = _ring_time(cost, lengths[key], ranks, ratio, offload)
+            start = timeline.add_ring(key, ranks, time)
+            placed.append((start, len(placed), ranks, shards, chunk, ratio, time))
+        else:
+            rank = popped[0][1]
+            time = cost.compute_time([lengths[i] for i in bins[key]])
+            shard = tuple([(i, 0, lengths[i]) for i in bins[key]])
+            placed.append((timeline.load[rank], len(placed), (rank,), (shard,), 0, 0.0, time))
+            timeline.add_single(rank, time)
+        for count, r in popped:
+            heapq.heappush(heap_count, (count + 1, r))
+    return _finish_plan(placed, world_size, capacity, lengths, cost)
+
+
+def _finish_plan(
+    placed: list[_Placed],
+    world_size: int,
+    capacity: int,
+    lengths: tuple[int, ...],
+    cost: CostModel,
+) -> Plan:
+    """The global order sorts items by estimated start, then by placement."""
+    placed.sort(key=lambda entry: (entry[0], entry[1]))
+    items = tuple(
+        WorkItem(
+            item_id=k,
+            ranks=ranks,
+            shards=shards,
+            chunk_size=chunk,
+            offload_ratio=ratio,
+            est_time=time,
+        )
+        for k, (_, _, ranks, shards, chunk, ratio, time) in enumerate(placed)
+    )
+    mb_times = {k: entry[6] for k, entry in enumerate(placed)}
+    stats = _plan_stats(items, mb_times, world_size, lengths, cost)
+    return Plan(
+        items=items,
+        world_size=world_size,
+        capacity=capacity,
+        lengths=lengths,
+        stats=stats,
+        strategy="hdp",
+        cost=cost,
+    )
 
 
 @_gc_paused

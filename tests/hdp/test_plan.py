@@ -14,6 +14,8 @@ from bitscale.hdp.plan import (
     OffloadConfig,
     Plan,
     StaticAssignment,
+    WorkItem,
+    _place_rings,
     plan_batch,
     plan_static_mesh,
 )
@@ -361,6 +363,93 @@ def test_widen_shortens_a_ring_that_sets_the_step_time() -> None:
     # A batch whose rings are short against the mean load keeps the minimum d.
     busy = [8192] + [4000] * 64
     assert plan_batch(busy, 8, 4096, widen=True) == plan_batch(busy, 8, 4096)
+
+
+# Rings that cannot run side by side: (world, lengths) at capacity 1000. The first
+# sequence's minimum ring takes 12 of 16 (7 of 8) ranks; the next rings need more than the
+# 4 (1) ranks left, so they wait for it although each ring alone is shorter than the mean
+# rank load (what the per-ring widening looks at).
+RIGID_CASES = [
+    pytest.param(16, [11200, 6400] + [500 + 37 * i for i in range(8)], id="16-ranks-12+7"),
+    pytest.param(
+        16, [11200, 7200, 6400, 4800] + [500 + 37 * i for i in range(8)], id="16-ranks-12+8+7+5"
+    ),
+    pytest.param(8, [5600, 3200] + [500 + 37 * i for i in range(8)], id="8-ranks-6+4"),
+]
+RIGID_COST = CostModel(alpha=1e-6, beta=1e-4, gamma=1e-3)
+
+
+@pytest.mark.parametrize(("world", "lengths"), RIGID_CASES)
+def test_widen_rigid_rings_that_cannot_run_side_by_side(world: int, lengths: list[int]) -> None:
+    capacity, cost = 1000, RIGID_COST
+    minimal = plan_batch(lengths, world, capacity, cost=cost)
+    sizes = sorted((i.cp_size for i in minimal.items if i.cp_size > 1), reverse=True)
+    assert sizes[0] + sizes[1] > world  # the two largest rings cannot run side by side
+    mean_busy = sum(minimal.stats.busy_time) / world
+    assert all(i.est_time < mean_busy for i in minimal.items)  # no ring alone sets the step
+    wide = plan_batch(lengths, world, capacity, cost=cost, widen=True)
+    check_plan(wide, lengths, capacity, world)
+    assert wide.stats.makespan < 0.9 * minimal.stats.makespan
+    pow2 = plan_batch(lengths, world, capacity, cost=cost, widen=True, group_rule="pow2")
+    assert wide.stats.makespan <= pow2.stats.makespan
+    assert wide == plan_batch(lengths, world, capacity, cost=cost, widen=True)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    batch=batches(), group_rule=st.sampled_from(["ceil", "pow2"]), stages=st.sampled_from([1, 3])
+)
+def test_rigid_bound_never_exceeds_the_plans_makespan(
+    batch: tuple[list[int], int, int], group_rule: str, stages: int
+) -> None:
+    # The widening search ranks ring placements by this bound and skips building a plan
+    # whose bound is no better than a plan it has: sound only if no plan of those rings
+    # ends before it. Costs where attention and gamma matter, as in the cases above.
+    lengths, world, capacity = batch
+    plan = plan_batch(
+        lengths, world, capacity, cost=RIGID_COST, group_rule=group_rule, pipeline_stages=stages
+    )
+    rings = {i.seq_ids[0]: i.cp_size for i in plan.items if i.cp_size > 1}
+    timeline = _place_rings(
+        rings, dict.fromkeys(rings, 0.0), tuple(lengths), world, RIGID_COST, None
+    )
+    singles = [n for n in lengths if n <= capacity]
+    beta = RIGID_COST.beta + RIGID_COST.gamma / capacity
+    bound, level = timeline.bound(sum(RIGID_COST.alpha * n * n + beta * n for n in singles))
+    assert level <= bound <= plan.stats.makespan * (1 + 1e-12)
+
+
+@settings(max_examples=100, deadline=None)
+@given(batch=batches(), group_rule=st.sampled_from(["ceil", "pow2"]), widen=st.booleans())
+def test_no_rank_idles_where_a_later_sequence_fits(
+    batch: tuple[list[int], int, int], group_rule: str, widen: bool
+) -> None:
+    # Ranks that wait for the last member of a ring idle in between; every single sequence
+    # that runs after the rings (on any rank) must be too long for what is left of every
+    # such window, else the scheduler left work out of a window it could have filled.
+    lengths, world, capacity = batch
+    cost = RIGID_COST
+    plan = plan_batch(lengths, world, capacity, cost=cost, group_rule=group_rule, widen=widen)
+    finish = [0.0] * world
+    windows: list[float] = []
+    runs: list[list[tuple[float, WorkItem]]] = [[] for _ in range(world)]
+    for item in plan.items:  # the replay of Plan.stats: an item starts when its ranks are free
+        start = max(finish[r] for r in item.ranks)
+        for r in item.ranks:
+            if start > finish[r]:
+                windows.append(start - finish[r])
+            finish[r] = start + item.est_time
+            runs[r].append((start, item))
+    assert finish == list(plan.stats.finish_time)
+    slack = max(windows, default=0.0) * (1 - 1e-12)
+    for rank_runs in runs:
+        last_ring_end = max(
+            (start + item.est_time for start, item in rank_runs if item.cp_size > 1), default=0.0
+        )
+        for start, item in rank_runs:
+            if item.cp_size == 1 and start >= last_ring_end:
+                for seq_id in item.seq_ids:
+                    assert cost.compute_time([lengths[seq_id]]) > slack, (seq_id, slack)
 
 
 def test_pipeline_aware_balance_shortens_the_1f1b_critical_path() -> None:
