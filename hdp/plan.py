@@ -548,13 +548,13 @@ def _wider_sizes(
     neither exists, and world_size (time is not convex in d, so the sizes in between are
     no guide). Under pow2 every size is a power of two or world_size. Times assume ranks
     0..size-1, as `_widen` does."""
+    if d >= world_size:
+        return []
     if rule is GroupRule.POW2:
         ladder = [1 << k for k in range(d.bit_length(), world_size.bit_length())]
         ladder = [size for size in ladder if d < size < world_size] + [world_size]
     else:
         ladder = list(range(d + 1, world_size + 1))
-    if not ladder:
-        return []
 
     def time_on(size: int) -> float:
         return cost.micro_batch_time([_padded(length, size)], range(size))
@@ -607,6 +607,8 @@ def _widen_rigid(
         found = None
         for index in best_timeline.critical_chain():
             seq_id, ranks, _, time, _ = best_timeline.rings[index]
+            if placements == 0:
+                break
             if ratio_of[seq_id] > 0.0:
                 continue
             d = len(ranks)

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from enum import StrEnum
 from types import ModuleType
+from typing import Any
 
 import torch
 from bitscale.kernels.config import (
@@ -25,13 +26,14 @@ from bitscale.kernels.config import (
     parse_backend,
     parse_method,
 )
-from bitscale.kernels.format import BipolarTensor, pack_bitplanes, quantize, unpack_bitplanes
+from bitscale.kernels.format import BipolarTensor, _quantize_codes, pack_bitplanes, unpack_bitplanes
 from bitscale.kernels.reference import (
     PackedWeight,
     bipolar_linear_reference,
     bipolar_mm_int_reference,
     centred_codes,
     check_mm_codes,
+    dequantize_planes,
     pack_weight,
 )
 
@@ -199,8 +201,9 @@ def _check_linear_inputs(
 
 # One opaque op for torch.compile: Dynamo and AOTAutograd see its output shape (the
 # fake below) instead of tracing into Triton's launcher and autotuner, so compiled
-# graphs (and CUDA graphs) hold the kernel call whole.
-@torch.library.custom_op("bitscale::linear_packed", mutates_args=())
+# graphs (and CUDA graphs) hold the kernel call whole. No host syncs inside (CUDA-graph
+# capture); a straight-through backward below.
+@torch.library.custom_op("bitscale::triton_linear_packed", mutates_args=())
 def _triton_linear_op(
     rows: torch.Tensor,
     planes: torch.Tensor,
@@ -225,14 +228,13 @@ def _triton_linear_op(
                 rows, a_bits=a_bits, group_k=weight.group_k
             )
         else:
-            q = quantize(rows, a_bits, group_size=weight.group_size, method=method)
-            x_centred = centred_codes(q.codes, a_bits)
+            codes, x_scales = _quantize_codes(rows, a_bits, weight.group_size, method)
+            x_centred = centred_codes(codes, a_bits)
             x_rowsums = (
-                x_centred.view(rows.shape[0], q.num_groups, -1)
+                x_centred.view(rows.shape[0], x_scales.shape[1], -1)
                 .sum(-1, dtype=torch.int32)
                 .contiguous()
             )
-            x_scales = q.scales
         out = gemm.bipolar_gemm(
             x_centred,
             x_rowsums,
@@ -253,6 +255,30 @@ def _triton_linear_op(
 @_triton_linear_op.register_fake
 def _(rows: torch.Tensor, planes: torch.Tensor, *weight_and_options: object) -> torch.Tensor:
     return rows.new_empty((rows.shape[0], planes.shape[1]))
+
+
+def _setup_backward(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    rows, planes, scales, _, bias, w_bits, in_features, group_size, *_ = inputs
+    ctx.save_for_backward(planes, scales)
+    ctx.weight_meta = (w_bits, in_features, group_size)
+    ctx.rows_dtype = rows.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """Straight-through: the gradient of ``rows @ W_q^T + bias`` with the dequantized
+    weight fixed (and, for quantized activations, the identity for their rounding)."""
+    planes, scales = ctx.saved_tensors
+    grad_rows = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        weight = dequantize_planes(planes, scales, *ctx.weight_meta)
+        grad_rows = (grad_out.to(torch.float32) @ weight).to(ctx.rows_dtype)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
+        grad_bias = grad_out.sum(0).to(ctx.bias_dtype)
+    return grad_rows, None, None, None, grad_bias, None, None, None, None, None
+
+
+_triton_linear_op.register_autograd(_backward, setup_context=_setup_backward)
 
 
 def linear_packed(

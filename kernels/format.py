@@ -280,6 +280,18 @@ def fake_quantize(
     return _ungrouped(levels * scales, -1)
 
 
+def _quantize_codes(
+    x: torch.Tensor, bits: int, group_size: int | None, method: QuantMethod
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize(x, ...)``'s codes (uint8 [..., K]) and scales (float32 [..., K / group])
+    along the last axis, without its checks: no host sync, so kernels can run it inside
+    CUDA-graph capture. Callers validate bits and group_size."""
+    grouped = _grouped(x.detach().to(torch.float32), -1, group_size)
+    scales = _choose_scales(grouped, bits, method)
+    codes = codes_from_scales(grouped, scales, bits)
+    return _ungrouped(codes, -1).contiguous(), scales.squeeze(-1).contiguous()
+
+
 def dequantize(q: BipolarTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The float tensor ``(2U - (2^bits - 1)) * scale`` that ``q`` stands for."""
     if not isinstance(q, BipolarTensor):
@@ -327,10 +339,10 @@ def unpack_bitplanes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
         )
     if k % 8 and (packed[..., -1] >> (k % 8)).any():
         raise ValueError("packed has set bits past K in its last byte; it is not a packing of K")
-    return unpack_trusted(packed, bits, k)
+    return _unpack_trusted(packed, bits, k)
 
 
-def unpack_trusted(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+def _unpack_trusted(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     """:func:`unpack_bitplanes` without its checks, for planes this package packed itself.
 
     Nothing in it depends on the data, so it traces under torch.compile.

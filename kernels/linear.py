@@ -7,10 +7,12 @@ identity (quantization-aware training). Eval quantizes the master weights once
 (cached until they change), packs them into bit planes and runs them through
 the dispatched kernel.
 
-Under torch.compile the eval forward reads the weights packed by ``eval()``,
-``load_state_dict()``, ``.to()`` or the last eager call: Dynamo cannot guard on a
-tensor's version counter, so after changing weights in place in eval mode, call
-``eval()`` again before calling a compiled model.
+``eval()`` always re-packs from the current weights. Between calls, eager forwards
+re-pack when the weight's version counter, storage, device or dtype changed;
+``load_state_dict()``, ``.to()`` and assigning a new weight re-pack at once. Writes
+that bypass the version counter (``.data``, FSDP2's in-place re-gathers) and, under
+torch.compile (which cannot guard on the counter), any in-place change in eval mode
+(an optimizer step, ``Checkpointer.load``) are seen after the next ``eval()``.
 """
 
 from __future__ import annotations
@@ -27,8 +29,13 @@ from bitscale.kernels.config import (
     check_group_size,
 )
 from bitscale.kernels.dispatch import linear_packed, resolve_backend
-from bitscale.kernels.format import fake_quantize, quantize, unpack_trusted
-from bitscale.kernels.reference import PackedWeight, dequantized_linear, pack_weight
+from bitscale.kernels.format import fake_quantize, quantize
+from bitscale.kernels.reference import (
+    PackedWeight,
+    dequantize_planes,
+    dequantized_linear,
+    pack_weight,
+)
 from torch import nn
 from torch.nn import functional as F
 
@@ -125,7 +132,8 @@ class BipolarLinear(nn.Module):
         """The quantized, bit-plane packed weight used in eval (recomputed when W changes)."""
         if torch.compiler.is_compiling():
             # Dynamo cannot guard on the version counter, so compiled graphs use the
-            # weights packed by eval(), load_state_dict(), .to() or the last eager call.
+            # weights packed by eval(), load_state_dict(), .to(), assignment or the last
+            # eager call.
             if self._packed is None:
                 raise RuntimeError(
                     "BipolarLinear has no packed weights to compile with: call .eval() "
@@ -164,16 +172,28 @@ class BipolarLinear(nn.Module):
         return self._dequantized
 
     def train(self, mode: bool = True) -> BipolarLinear:
-        """Switching to eval packs the weights now, so torch.compile finds them ready."""
+        """Switching to eval quantizes and packs the current weights, whatever changed
+        them (optimizer steps, ``.data`` writes, FSDP2 re-gathers that keep the version
+        counter), so eval forwards and compiled graphs read fresh ones."""
         super().train(mode)
-        self._pack_if_eval()
+        if not mode:
+            self._drop_packed()
+            self._pack_if_eval()
         return self
+
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        super().register_parameter(name, param)
+        if name == "weight" and hasattr(self, "_packed"):  # not during __init__
+            self._drop_packed()
+            self._pack_if_eval()
 
     def _apply(self, fn: Callable, recurse: bool = True) -> BipolarLinear:
         super()._apply(fn, recurse)
-        self._packed = self._dequantized = self._packed_key = None
-        self._pack_if_eval()
+        self._pack_if_eval()  # the cache key sees new devices, dtypes and storage
         return self
+
+    def _drop_packed(self) -> None:
+        self._packed = self._dequantized = self._packed_key = None
 
     def _pack_if_eval(self) -> None:
         """Prepare what the eval forward reads, so compiled graphs find it ready."""
@@ -184,14 +204,15 @@ class BipolarLinear(nn.Module):
             return
         try:
             backend = resolve_backend(self.config.backend, weight.device)
-        except RuntimeError:
-            # backend="triton" on a CPU weight, say on its way to .cuda(): the forward
-            # reports it if the layer is called here; .to() packs again on arrival.
-            return
-        if backend is Backend.REFERENCE:
-            self._reference_weight()
-        else:
-            self.packed_weight()
+            if backend is Backend.REFERENCE:
+                self._reference_weight()
+            else:
+                self.packed_weight()
+        except (RuntimeError, ValueError):
+            # backend="triton" on CPU weights on their way to .cuda(), or non-finite
+            # weights (a diverged model being inspected): eval() and .to() must still
+            # work; the forward reports either if the layer is called like this.
+            self._drop_packed()
 
     def _eval_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         config = self.config
@@ -244,13 +265,9 @@ def _pack_after_load(module: BipolarLinear, incompatible_keys: object) -> None:
 
 
 def _dequantize_packed(packed: PackedWeight) -> torch.Tensor:
-    """float32 [N, K]: what dequantize() gives for these codes and scales, skipping its
-    checks of data this layer packed (they would stop torch.compile's tracing)."""
-    codes = unpack_trusted(packed.planes, packed.bits, packed.in_features)
-    levels = codes.to(torch.float32) * 2 - ((1 << packed.bits) - 1)
-    n, k = levels.shape
-    group = packed.group_k
-    return (levels.view(n, k // group, group) * packed.scales.unsqueeze(-1)).view(n, k)
+    return dequantize_planes(
+        packed.planes, packed.scales, packed.bits, packed.in_features, packed.group_size
+    )
 
 
 class _FrozenWeightLinear(torch.autograd.Function):
@@ -279,7 +296,9 @@ class _FrozenWeightLinear(torch.autograd.Function):
         layer: BipolarLinear = ctx.layer
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            weight = layer._reference_weight()
+            weight = layer._dequantized  # the torch fallback's cache, when it has one
+            if weight is None:
+                weight = _dequantize_packed(layer.packed_weight())
             grad_x = (grad_out.to(torch.float32) @ weight).to(grad_out.dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, layer.out_features).sum(0).to(ctx.bias_dtype)

@@ -18,7 +18,13 @@ from dataclasses import dataclass
 
 import torch
 from bitscale.kernels.config import FLOAT_ACTIVATION_BITS, QuantMethod, check_bits, parse_method
-from bitscale.kernels.format import BipolarTensor, dequantize, fake_quantize, pack_bitplanes
+from bitscale.kernels.format import (
+    BipolarTensor,
+    _unpack_trusted,
+    dequantize,
+    fake_quantize,
+    pack_bitplanes,
+)
 
 __all__ = [
     "PackedWeight",
@@ -26,6 +32,7 @@ __all__ = [
     "bipolar_mm_int_reference",
     "centred_codes",
     "check_mm_codes",
+    "dequantize_planes",
     "dequantized_linear",
     "pack_weight",
 ]
@@ -115,6 +122,16 @@ class PackedWeight:
     @property
     def group_k(self) -> int:
         return self.in_features if self.group_size is None else self.group_size
+
+
+def dequantize_planes(
+    planes: torch.Tensor, scales: torch.Tensor, bits: int, k: int, group_size: int | None
+) -> torch.Tensor:
+    """float32 [N, K]: what dequantize() gives for a weight's bit planes and scales,
+    without its checks of data this package packed (they would stop torch.compile)."""
+    levels = _unpack_trusted(planes, bits, k).to(torch.float32) * 2 - ((1 << bits) - 1)
+    n, group = levels.shape[0], group_size or k
+    return (levels.view(n, k // group, group) * scales.unsqueeze(-1)).view(n, k)
 
 
 def pack_weight(w: BipolarTensor) -> PackedWeight:

@@ -19,6 +19,11 @@ import pytest
 pytest.importorskip("triton", reason="triton is not installed")
 
 
+# Per-block shared memory a kernel may opt into: 227 KiB on H100 (sm_90), 163 KiB on
+# A100 (sm_80) (CUDA programming guide, compute capabilities table).
+_SHARED_MEMORY_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+
+
 def _compile_all() -> list[str]:
     """Compile every autotune tile of every kernel for sm_90, and each constexpr
     specialization a launcher can pick (output dtypes, int64 recovery, float32 dots,
@@ -46,11 +51,15 @@ def _compile_all() -> list[str]:
             constexprs = {**constexprs, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
         full = {**signature, **dict.fromkeys(constexprs, "constexpr")}
         for target in targets:
-            triton.compile(
+            kernel_binary = triton.compile(
                 ASTSource(jit, full, constexprs),
                 target=target,
                 options={"num_warps": warps, "num_stages": stages},
             )
+            # Compiling does not check shared memory against the device; launching would
+            # fail with OutOfResources past the per-block opt-in limit.
+            shared, limit = kernel_binary.metadata.shared, _SHARED_MEMORY_LIMIT[target.arch]
+            assert shared <= limit, f"{jit.__name__}[{label}]: {shared} B shared > {limit} B"
             compiled.append(f"{jit.__name__}[{label} sm_{target.arch}]")
 
     ints = dict.fromkeys(

@@ -215,20 +215,49 @@ def test_bfloat16_layer_trains_and_evaluates(backend: str) -> None:
     assert ((eval_out.float().cpu() - out.detach().float().cpu()).abs() <= bound).all()
 
 
-def _eval_under_fsdp2(rank: int, world_size: int) -> bool:
+def _eval_under_fsdp2(rank: int, world_size: int) -> list[bool]:
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
-    sharded = BipolarLinear(16, 8, w_bits=4, a_bits=8, backend="reference")
-    whole = BipolarLinear(16, 8, w_bits=4, a_bits=8, backend="reference")
+    sharded = BipolarLinear(256, 64, w_bits=4, a_bits=8, backend="reference")
+    whole = BipolarLinear(256, 64, w_bits=4, a_bits=8, backend="reference")
     whole.load_state_dict(sharded.state_dict())
     fully_shard(sharded)
-    sharded.eval()  # the weight is a DTensor shard here: packing waits for the forward
-    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        return torch.equal(sharded(x), whole.eval()(x))
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(1))
+    matches = []
+    for _ in range(4):
+        # The weight is a DTensor shard here: packing waits for the gathered weight, which
+        # FSDP2 refills in place without bumping its version counter.
+        sharded.eval()
+        whole.eval()
+        with torch.no_grad():
+            matches.append(torch.equal(sharded(x), whole(x)))
+        for layer in (sharded.train(), whole.train()):
+            layer(x).square().sum().backward()
+            with torch.no_grad():
+                layer.weight -= 0.5 * layer.weight.grad.sign()
+            layer.zero_grad()
+    return matches
 
 
 @pytest.mark.dist
-def test_eval_under_fsdp2_quantizes_the_gathered_weight() -> None:
-    assert run_on_ranks(_eval_under_fsdp2, 2, timeout=120) == [True, True]
+def test_eval_under_fsdp2_quantizes_the_current_gathered_weight() -> None:
+    assert run_on_ranks(_eval_under_fsdp2, 2, timeout=120) == [[True] * 4] * 2
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_eval_repacks_weights_changed_behind_the_version_counter(backend: str) -> None:
+    """FSDP2 refills a gathered weight in place with its version counter preserved, and
+    ``.data`` writes have a counter of their own: eval() must re-pack anyway."""
+    layer = BipolarLinear(64, 40, w_bits=3, backend=backend).eval()
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
+    fresh = torch.randn(40, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = layer(x)
+        with torch.autograd._unsafe_preserve_version_counter(layer.weight):
+            layer.weight.copy_(fresh)
+        expected = BipolarLinear(64, 40, w_bits=3, backend=backend)
+        expected.weight.copy_(fresh)
+        expected.bias.copy_(layer.bias)
+        after = layer.eval()(x)
+        assert torch.equal(after, expected.eval()(x)) and not torch.equal(after, before)

@@ -1,8 +1,9 @@
 """BipolarLinear under ``torch.compile(fullgraph=True)``.
 
-The Triton kernels enter graphs as one custom op (``bitscale::linear_packed``, checked
+The Triton kernels enter graphs as one custom op (``bitscale::triton_linear_packed``, checked
 with ``torch.library.opcheck``); compiled eval and QAT graphs are bitwise equal to
-eager; compiled graphs use the weights packed by eval(), load_state_dict() and .to().
+eager; compiled graphs use the weights packed by eval(), load_state_dict(), .to() and
+weight assignment.
 Without CUDA the Triton backend runs in the interpreter (tests/kernels/conftest.py).
 """
 
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from bitscale.kernels import BipolarLinear, quantize
+from bitscale.kernels import BipolarLinear, bipolar_linear, dequantize, quantize
 from bitscale.kernels.reference import pack_weight
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -80,7 +81,7 @@ def test_compiled_eval_passes_input_gradients() -> None:
     assert torch.equal(x.grad, expected)
 
 
-def test_compiled_graph_uses_reloaded_and_moved_weights() -> None:
+def test_compiled_graph_uses_reloaded_moved_and_replaced_weights() -> None:
     layer = _layer(backend="reference").eval()
     other = BipolarLinear(64, 40, w_bits=3, backend="reference")
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
@@ -89,14 +90,17 @@ def test_compiled_graph_uses_reloaded_and_moved_weights() -> None:
         before = compiled(x)
         layer.load_state_dict(other.state_dict())
         reloaded = compiled(x)
-        expected = other.eval()(x)
-        assert torch.equal(reloaded, expected) and not torch.equal(reloaded, before)
-        with torch.no_grad():
-            layer.weight.mul_(-1)  # in place, then .to(): re-packed from the new values
-        layer.to(torch.float32)
-        assert torch.equal(compiled(x), layer(x))
-        assert not torch.equal(compiled(x), reloaded)
-    assert counter.frame_count == 1
+        assert torch.equal(reloaded, other.eval()(x)) and not torch.equal(reloaded, before)
+        layer.weight.data.mul_(-1)  # bypasses the version counter: eval() re-packs
+        layer.eval()
+        negated = compiled(x)
+        assert not torch.equal(negated, reloaded)
+        layer.to(torch.float64).to(torch.float32)
+        assert torch.equal(compiled(x), negated)
+        layer.weight = nn.Parameter(torch.randn(40, 64, generator=torch.Generator()))
+        replaced = compiled(x)
+        assert torch.equal(replaced, layer(x)) and not torch.equal(replaced, negated)
+    assert counter.frame_count >= 1
 
 
 def test_quantized_mlp_compiles_with_inductor() -> None:
@@ -120,11 +124,11 @@ def test_quantized_mlp_compiles_with_inductor() -> None:
 
 
 @pytest.mark.parametrize(("a_bits", "method"), [(16, "absmax"), (8, "absmax"), (4, "meanabs")])
-def test_linear_packed_op_passes_opcheck(a_bits: int, method: str) -> None:
+def test_triton_linear_op_passes_opcheck(a_bits: int, method: str) -> None:
     generator = torch.Generator().manual_seed(0)
     packed = pack_weight(quantize(torch.randn(24, 48, generator=generator), 3, group_size=16))
-    rows = torch.randn(5, 48, generator=generator)
-    bias = torch.randn(24, generator=generator)
+    rows = torch.randn(5, 48, generator=generator, requires_grad=True)
+    bias = torch.randn(24, generator=generator, requires_grad=True)
     args = (
         rows,
         packed.planes,
@@ -137,7 +141,20 @@ def test_linear_packed_op_passes_opcheck(a_bits: int, method: str) -> None:
         a_bits,
         method,
     )
-    torch.library.opcheck(torch.ops.bitscale.linear_packed.default, args)
+    torch.library.opcheck(torch.ops.bitscale.triton_linear_packed.default, args)
+
+
+@pytest.mark.parametrize("a_bits", [16, 8])
+def test_triton_linear_backward_is_straight_through(a_bits: int) -> None:
+    """d/dx of x @ W_q^T + b is W_q (activation rounding passes the gradient through)."""
+    generator = torch.Generator().manual_seed(0)
+    w = quantize(torch.randn(24, 48, generator=generator), 3)
+    bias = torch.randn(24, generator=generator, requires_grad=True)
+    x = torch.randn(2, 5, 48, generator=generator, requires_grad=True)
+    grad_out = torch.randn(2, 5, 24, generator=generator)
+    bipolar_linear(x, w, a_bits=a_bits, bias=bias, backend="triton").backward(grad_out)
+    assert torch.equal(x.grad, grad_out @ dequantize(w))
+    assert torch.equal(bias.grad, grad_out.sum((0, 1)))
 
 
 def test_compiling_an_unpacked_eval_layer_stops_with_the_fix() -> None:
@@ -151,7 +168,9 @@ def test_compiling_an_unpacked_eval_layer_stops_with_the_fix() -> None:
 def test_eval_before_moving_a_triton_layer_to_its_device_does_not_raise(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.delenv("TRITON_INTERPRET")  # backend="triton" cannot run on these CPU weights
+    monkeypatch.delenv(
+        "TRITON_INTERPRET", raising=False
+    )  # backend="triton" cannot run on these CPU weights
     layer = _layer(backend="triton").eval()
     assert layer._packed is None
     with pytest.raises(RuntimeError, match="backend 'triton' cannot run"):
@@ -159,18 +178,34 @@ def test_eval_before_moving_a_triton_layer_to_its_device_does_not_raise(
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("a_bits", [16, 8])
-def test_gpu_decode_step_under_cuda_graphs(a_bits: int) -> None:
+@pytest.mark.parametrize(
+    ("a_bits", "activation_method"), [(16, "absmax"), (8, "absmax"), (4, "meanabs")]
+)
+def test_gpu_decode_step_under_cuda_graphs(a_bits: int, activation_method: str) -> None:
     """The decode shape (M=1, bf16) through inductor with CUDA graphs: the custom op's
     launches are captured and replayed, with eager's exact output."""
     torch.manual_seed(0)
-    layer = BipolarLinear(1024, 512, w_bits=4, a_bits=a_bits, backend="triton")
+    layer = BipolarLinear(
+        1024, 512, w_bits=4, a_bits=a_bits, activation_method=activation_method, backend="triton"
+    )
     layer = layer.to("cuda", torch.bfloat16).eval()
     x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
+    counters = torch._dynamo.utils.counters
+    counters.clear()
     with torch.no_grad():
         expected = layer(x)  # autotunes outside the capture
         compiled = torch.compile(layer, fullgraph=True, mode="reduce-overhead")
         for _ in range(3):  # warm-up, record, replay
             out = compiled(x)
         torch.cuda.synchronize()
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
     assert torch.equal(out, expected)
+
+
+def test_eval_of_a_diverged_layer_does_not_raise_but_its_forward_does() -> None:
+    layer = _layer(backend="reference")
+    with torch.no_grad():
+        layer.weight[0, 0] = float("inf")
+    layer.eval()  # switching a diverged model to eval for inspection must work
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        layer(torch.randn(2, 64))
