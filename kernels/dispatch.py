@@ -26,7 +26,7 @@ from bitscale.kernels.config import (
     parse_backend,
     parse_method,
 )
-from bitscale.kernels.format import BipolarTensor, _quantize_codes, pack_bitplanes, unpack_bitplanes
+from bitscale.kernels.format import BipolarTensor, _quantize_codes, pack_bitplanes
 from bitscale.kernels.reference import (
     PackedWeight,
     bipolar_linear_reference,
@@ -34,6 +34,7 @@ from bitscale.kernels.reference import (
     centred_codes,
     check_mm_codes,
     dequantize_planes,
+    dequantized_linear,
     pack_weight,
 )
 
@@ -303,10 +304,16 @@ def linear_packed(
             "'reference' for bipolar_linear"
         )
     if chosen is Backend.REFERENCE:
-        codes = unpack_bitplanes(weight.planes, weight.bits, weight.in_features)
-        w = BipolarTensor(codes, weight.scales, weight.bits, 1, weight.group_size)
-        return bipolar_linear_reference(
-            x, w, a_bits=a_bits, activation_method=activation_method, bias=bias
+        dequantized = dequantize_planes(
+            weight.planes, weight.scales, weight.bits, weight.in_features, weight.group_size
+        )
+        return dequantized_linear(
+            x,
+            dequantized,
+            group_size=weight.group_size,
+            a_bits=a_bits,
+            activation_method=activation_method,
+            bias=bias,
         )
     rows = x.reshape(-1, weight.in_features)
     if not rows.is_contiguous():
