@@ -92,6 +92,9 @@ def _worker(
         )
         try:
             value = fn(rank, world_size, *args, **kwargs)
+            # No rank tears its gloo connections down under a peer still using them (that
+            # peer aborted in C++, "terminate called without an active exception").
+            dist.barrier()
         except BaseException:
             # Taken before destroy_process_group breaks the peers' connections,
             # so the root failure is older than the failures it causes.

@@ -105,6 +105,7 @@ def main() -> None:
             )
     if checkpointer is not None:
         checkpointer.close()  # waits until the last save is durable
+    dist.barrier()  # no rank closes its connections while a peer still uses them
     dist.destroy_process_group()
 
 
