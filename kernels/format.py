@@ -254,9 +254,7 @@ def quantize(
         raise ValueError("quantize needs a non-empty axis to compute scales over")
     if not torch.isfinite(x).all():
         raise ValueError("x contains NaN or Inf; quantize needs finite values")
-    grouped = _grouped(x.detach().to(torch.float32), axis, group_size)
-    scales = _choose_scales(grouped, bits, method)
-    codes = codes_from_scales(grouped, scales, bits)
+    codes, scales = _grouped_codes(x, bits, axis, group_size, method)
     return BipolarTensor(
         codes=_ungrouped(codes, axis).contiguous(),
         scales=scales.squeeze(-1).movedim(-1, axis).contiguous(),
@@ -274,10 +272,8 @@ def fake_quantize(
     The training-time path (no host sync for a NaN check); float32 result,
     detached from ``x``. Callers validate bits and group_size once up front.
     """
-    grouped = _grouped(x.detach().to(torch.float32), -1, group_size)
-    scales = _choose_scales(grouped, bits, method)
-    levels = codes_from_scales(grouped, scales, bits).to(torch.float32) * 2 - _levels(bits)
-    return _ungrouped(levels * scales, -1)
+    codes, scales = _grouped_codes(x, bits, -1, group_size, method)
+    return _ungrouped((codes.to(torch.float32) * 2 - _levels(bits)) * scales, -1)
 
 
 def _quantize_codes(
@@ -286,9 +282,7 @@ def _quantize_codes(
     """``quantize(x, ...)``'s codes (uint8 [..., K]) and scales (float32 [..., K / group])
     along the last axis, without its checks: no host sync, so kernels can run it inside
     CUDA-graph capture. Callers validate bits and group_size."""
-    grouped = _grouped(x.detach().to(torch.float32), -1, group_size)
-    scales = _choose_scales(grouped, bits, method)
-    codes = codes_from_scales(grouped, scales, bits)
+    codes, scales = _grouped_codes(x, bits, -1, group_size, method)
     return _ungrouped(codes, -1).contiguous(), scales.squeeze(-1).contiguous()
 
 
@@ -296,9 +290,25 @@ def dequantize(q: BipolarTensor, dtype: torch.dtype = torch.float32) -> torch.Te
     """The float tensor ``(2U - (2^bits - 1)) * scale`` that ``q`` stands for."""
     if not isinstance(q, BipolarTensor):
         raise TypeError(f"dequantize needs a BipolarTensor, got {type(q).__name__}")
-    levels = _grouped(q.codes.to(torch.float32) * 2 - _levels(q.bits), q.axis, q.group_size)
-    scales = q.scales.movedim(q.axis, -1).unsqueeze(-1)
-    return _ungrouped(levels * scales, q.axis).to(dtype)
+    return _dequantize_codes(q.codes, q.scales, q.bits, q.axis, q.group_size).to(dtype)
+
+
+def _grouped_codes(
+    x: torch.Tensor, bits: int, axis: int, group_size: int | None, method: QuantMethod
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes [..., groups, group] of float ``x`` moved to groups along ``axis``, and their
+    scales [..., groups, 1]: the quantizer shared by quantize and its unchecked forms."""
+    grouped = _grouped(x.detach().to(torch.float32), axis, group_size)
+    scales = _choose_scales(grouped, bits, method)
+    return codes_from_scales(grouped, scales, bits), scales
+
+
+def _dequantize_codes(
+    codes: torch.Tensor, scales: torch.Tensor, bits: int, axis: int, group_size: int | None
+) -> torch.Tensor:
+    """float32 ``(2U - (2^bits - 1)) * scale`` without validating the codes."""
+    levels = _grouped(codes.to(torch.float32) * 2 - _levels(bits), axis, group_size)
+    return _ungrouped(levels * scales.movedim(axis, -1).unsqueeze(-1), axis)
 
 
 def pack_bitplanes(codes: torch.Tensor, bits: int) -> torch.Tensor:

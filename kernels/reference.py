@@ -20,6 +20,7 @@ import torch
 from bitscale.kernels.config import FLOAT_ACTIVATION_BITS, QuantMethod, check_bits, parse_method
 from bitscale.kernels.format import (
     BipolarTensor,
+    _dequantize_codes,
     _unpack_trusted,
     dequantize,
     fake_quantize,
@@ -129,9 +130,7 @@ def dequantize_planes(
 ) -> torch.Tensor:
     """float32 [N, K]: what dequantize() gives for a weight's bit planes and scales,
     without its checks of data this package packed (they would stop torch.compile)."""
-    levels = _unpack_trusted(planes, bits, k).to(torch.float32) * 2 - ((1 << bits) - 1)
-    n, group = levels.shape[0], group_size or k
-    return (levels.view(n, k // group, group) * scales.unsqueeze(-1)).view(n, k)
+    return _dequantize_codes(_unpack_trusted(planes, bits, k), scales, bits, 1, group_size)
 
 
 def pack_weight(w: BipolarTensor) -> PackedWeight:
