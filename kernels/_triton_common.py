@@ -17,6 +17,8 @@ import triton.language as tl
 __all__ = [
     "INTERPRETED",
     "autotune_configs",
+    "byte_aligned",
+    "expand_bits",
     "m_bucket",
     "store_dtype",
     "tile_grid",
@@ -37,6 +39,12 @@ def autotune_configs(tiles: Iterable[tuple[int, int, int, int, int]]) -> list[tr
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in tiles
     ]
+
+
+def byte_aligned(group_k: int, num_groups: int) -> bool:
+    """Whether every K-tile of a grouped kernel starts on a plane byte (``BYTE_ALIGNED``):
+    tiles start at ``g * group_k`` plus multiples of BLOCK_K (>= 32)."""
+    return num_groups == 1 or group_k % 8 == 0
 
 
 def m_bucket(m: int) -> int:
@@ -61,25 +69,54 @@ def store_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @triton.jit
+def expand_bits(bytes_RB, ROWS: tl.constexpr, BYTES: tl.constexpr):
+    """The bits of uint8/int32 ``bytes_RB`` [ROWS, BYTES] as int32 0/1 [ROWS, 8 * BYTES],
+    bit i of byte b landing in column 8b + i (the pack_bitplanes order along K)."""
+    bit_118 = tl.arange(0, 8)[None, None, :]
+    bits_RB8 = (bytes_RB.to(tl.int32)[:, :, None] >> bit_118) & 1
+    return tl.reshape(bits_RB8, (ROWS, 8 * BYTES))
+
+
+@triton.jit
 def unpack_weight_codes(
     w_ptr,
-    k,
+    k_start,
+    k_stop,
     offs_n,
-    in_group,
     n_mask,
     stride_wplane,
     stride_wn,
     W_BITS: tl.constexpr,
+    BYTE_ALIGNED: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """The w-bit weight codes U (int32 [BLOCK_K, BLOCK_N]) of columns ``k`` of output
-    rows ``offs_n``, assembled from the weight's bit planes; 0 where masked off."""
-    w_byte_KN = w_ptr + (k // 8)[:, None] + offs_n[None, :] * stride_wn
-    w_shift_K1 = (k % 8)[:, None]
-    w_mask = in_group[:, None] & n_mask[None, :]
-    u_KN = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.int32)
-    for j in tl.static_range(W_BITS):
-        plane = tl.load(w_byte_KN + j * stride_wplane, mask=w_mask, other=0)
-        u_KN += ((plane.to(tl.int32) >> w_shift_K1) & 1) << j
-    return u_KN
+    """The w-bit weight codes U (int32 [BLOCK_K, BLOCK_N]) of columns ``k_start`` ..
+    ``k_start + BLOCK_K`` of output rows ``offs_n``, assembled from the weight's bit planes.
+    Rows off ``n_mask`` and bytes from ``k_stop`` on load as 0; the callers zero the other
+    operand past ``k_stop``, so the codes there (pad bits of a last, partial byte) never count.
+
+    With ``BYTE_ALIGNED`` (``k_start`` and ``k_stop`` multiples of 8) each plane byte is
+    loaded once and its 8 bits expanded in registers. Otherwise every code loads its
+    own byte, 8 loads per byte: at BLOCK_K = 512, W4 that is 64K loads per tile where
+    the byte path issues 8K, and the per-element pointers spill registers on sm_90.
+    """
+    if BYTE_ALIGNED:
+        offs_byte = k_start // 8 + tl.arange(0, BLOCK_K // 8)
+        byte_mask_NB = n_mask[:, None] & (offs_byte * 8 < k_stop)[None, :]
+        byte_NB = w_ptr + offs_n[:, None] * stride_wn + offs_byte[None, :]
+        u_NK = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
+        for j in tl.static_range(W_BITS):
+            plane_NB = tl.load(byte_NB + j * stride_wplane, mask=byte_mask_NB, other=0)
+            u_NK += expand_bits(plane_NB, BLOCK_N, BLOCK_K // 8) << j
+        return tl.trans(u_NK)
+    else:
+        k = k_start + tl.arange(0, BLOCK_K)
+        w_byte_KN = w_ptr + (k // 8)[:, None] + offs_n[None, :] * stride_wn
+        w_shift_K1 = (k % 8)[:, None]
+        w_mask = (k < k_stop)[:, None] & n_mask[None, :]
+        u_KN = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.int32)
+        for j in tl.static_range(W_BITS):
+            plane = tl.load(w_byte_KN + j * stride_wplane, mask=w_mask, other=0)
+            u_KN += ((plane.to(tl.int32) >> w_shift_K1) & 1) << j
+        return u_KN

@@ -16,6 +16,7 @@ import triton.language as tl
 from bitscale.kernels._triton_common import (
     INTERPRETED,
     autotune_configs,
+    byte_aligned,
     m_bucket,
     store_dtype,
     tile_grid,
@@ -66,6 +67,7 @@ def _bipolar_a16_kernel(
     stride_om,
     M_BUCKET,
     W_BITS: tl.constexpr,
+    BYTE_ALIGNED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -94,13 +96,14 @@ def _bipolar_a16_kernel(
             )
             u_KN = unpack_weight_codes(
                 w_ptr,
-                k,
+                g * GROUP_K + kk,
+                (g + 1) * GROUP_K,
                 offs_n,
-                in_group,
                 n_mask,
                 stride_wplane,
                 stride_wn,
                 W_BITS,
+                BYTE_ALIGNED,
                 BLOCK_K,
                 BLOCK_N,
             )
@@ -158,6 +161,7 @@ def bipolar_linear_a16(
         out.stride(0),
         m_bucket(m),
         W_BITS=weight.bits,
+        BYTE_ALIGNED=byte_aligned(group_k, k // group_k),
         HAS_BIAS=bias is not None,
         # The interpreter's bf16/fp16 tl.dot is wrong: dot in float32 there. On a GPU
         # float32 activations need "ieee", or tl.dot would round them to TF32.

@@ -21,7 +21,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from bitscale.kernels._triton_common import INTERPRETED, autotune_configs, m_bucket, tile_grid
+from bitscale.kernels._triton_common import (
+    INTERPRETED,
+    autotune_configs,
+    expand_bits,
+    m_bucket,
+    tile_grid,
+)
 from bitscale.kernels.format import pack_bitplanes
 
 __all__ = ["INTERPRETED", "bipolar_bitplane_gemm", "bipolar_mm_int_bitplane", "plane_popcounts"]
@@ -63,7 +69,7 @@ def _bipolar_bitplane_kernel(
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_byte = tl.arange(0, BLOCK_K // 8)
     m_mask = offs_m < M
     n_mask = offs_n < N
     result = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int64)
@@ -73,20 +79,20 @@ def _bipolar_bitplane_kernel(
             w_popc = tl.load(w_popc_ptr + j * N + offs_n, mask=n_mask, other=0)
             plane_product = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
             for k0 in range(0, K, BLOCK_K):
-                k = k0 + offs_k
-                k_mask = k < K
-                x_byte_MK = tl.load(
-                    x_ptr + i * stride_xplane + offs_m[:, None] * stride_xm + (k // 8)[None, :],
-                    mask=m_mask[:, None] & k_mask[None, :],
+                byte = k0 // 8 + offs_byte
+                byte_mask = byte * 8 < K
+                x_byte_MB = tl.load(
+                    x_ptr + i * stride_xplane + offs_m[:, None] * stride_xm + byte[None, :],
+                    mask=m_mask[:, None] & byte_mask[None, :],
                     other=0,
                 )
-                w_byte_KN = tl.load(
-                    w_ptr + j * stride_wplane + (k // 8)[:, None] + offs_n[None, :] * stride_wn,
-                    mask=k_mask[:, None] & n_mask[None, :],
+                w_byte_NB = tl.load(
+                    w_ptr + j * stride_wplane + offs_n[:, None] * stride_wn + byte[None, :],
+                    mask=n_mask[:, None] & byte_mask[None, :],
                     other=0,
                 )
-                b_MK = ((x_byte_MK.to(tl.int32) >> (k % 8)[None, :]) & 1).to(tl.int8)
-                c_KN = ((w_byte_KN.to(tl.int32) >> (k % 8)[:, None]) & 1).to(tl.int8)
+                b_MK = expand_bits(x_byte_MB, BLOCK_M, BLOCK_K // 8).to(tl.int8)
+                c_KN = tl.trans(expand_bits(w_byte_NB, BLOCK_N, BLOCK_K // 8).to(tl.int8))
                 plane_product = tl.dot(b_MK, c_KN, plane_product, out_dtype=tl.int32)
             recovered = 4 * plane_product - 2 * x_popc[:, None] - 2 * w_popc[None, :] + K
             result += recovered.to(tl.int64) << (i + j)

@@ -25,6 +25,7 @@ import triton.language as tl
 from bitscale.kernels._triton_common import (
     INTERPRETED,
     autotune_configs,
+    byte_aligned,
     m_bucket,
     store_dtype,
     tile_grid,
@@ -34,7 +35,8 @@ from bitscale.kernels._triton_common import (
 __all__ = ["INTERPRETED", "bipolar_gemm", "quantize_activations"]
 
 # int32 holds |S @ T^T| <= G * 2^(a + w - 2) only while that stays below 2^31
-# (W8A8: G < 131072); past it every tile's partial product goes to int64.
+# (W8A8: G < 131072); past it every tile's partial product goes to int64. The
+# recovery (below) goes to int64 from G * 2^(a + w + 1) on.
 _INT32_LIMIT = 1 << 31
 
 
@@ -80,8 +82,10 @@ def _bipolar_gemm_kernel(
     stride_om,
     M_BUCKET,
     W_BITS: tl.constexpr,
+    BYTE_ALIGNED: tl.constexpr,
     INT_OUT: tl.constexpr,
     WIDE_ACC: tl.constexpr,
+    NARROW_RECOVERY: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -111,13 +115,14 @@ def _bipolar_gemm_kernel(
             )
             u_KN = unpack_weight_codes(
                 w_ptr,
-                k,
+                g * GROUP_K + kk,
+                (g + 1) * GROUP_K,
                 offs_n,
-                in_group,
                 n_mask,
                 stride_wplane,
                 stride_wn,
                 W_BITS,
+                BYTE_ALIGNED,
                 BLOCK_K,
                 BLOCK_N,
             )
@@ -128,16 +133,19 @@ def _bipolar_gemm_kernel(
                 acc = tl.dot(x_SK, t_KN, acc, out_dtype=tl.int32)
         x_rowsum = tl.load(x_rowsum_ptr + offs_m * NUM_GROUPS + g, mask=m_mask, other=0)
         w_rowsum = tl.load(w_rowsum_ptr + offs_n * NUM_GROUPS + g, mask=n_mask, other=0)
-        # Recover in int64: the bipolar product reaches G * (2^a - 1)(2^w - 1),
-        # which overflows int32 for W8A8 past G ~ 33k.
-        y = (
-            4 * (wide + acc.to(tl.int64))
-            + 2 * x_rowsum.to(tl.int64)[:, None]
-            + 2 * w_rowsum.to(tl.int64)[None, :]
-            + GROUP_K
-        )
+        if NARROW_RECOVERY:
+            y = 4 * acc + 2 * x_rowsum[:, None] + 2 * w_rowsum[None, :] + GROUP_K
+        else:
+            # The bipolar product reaches G * (2^a - 1)(2^w - 1): past int32 for W8A8
+            # at G ~ 33k, so recover in int64.
+            y = (
+                4 * (wide + acc.to(tl.int64))
+                + 2 * x_rowsum.to(tl.int64)[:, None]
+                + 2 * w_rowsum.to(tl.int64)[None, :]
+                + GROUP_K
+            )
         if INT_OUT:
-            result += y
+            result += y.to(tl.int64)
         else:
             x_scale = tl.load(x_scale_ptr + offs_m * NUM_GROUPS + g, mask=m_mask, other=0.0)
             w_scale = tl.load(w_scale_ptr + offs_n * NUM_GROUPS + g, mask=n_mask, other=0.0)
@@ -210,6 +218,9 @@ def bipolar_gemm(
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
     if accumulate_int64 is None:
         accumulate_int64 = group_k << (a_bits + w_bits - 2) >= _INT32_LIMIT
+    # |4 S @ T^T + 2 rowsum(S) + 2 rowsum(T) + G| < G * 2^(a + w + 1): int32 holds the
+    # recovery too (W4A8 to G = 2^18), and halves the epilogue's registers.
+    narrow_recovery = not accumulate_int64 and group_k << (a_bits + w_bits + 1) < _INT32_LIMIT
     out = torch.empty((m, n), dtype=store_dtype(dtype), device=x_centred.device)
     if m == 0 or n == 0:
         return out.to(dtype)
@@ -233,8 +244,10 @@ def bipolar_gemm(
         out.stride(0),
         m_bucket(m),
         W_BITS=w_bits,
+        BYTE_ALIGNED=byte_aligned(group_k, num_groups),
         INT_OUT=int_out,
         WIDE_ACC=accumulate_int64,
+        NARROW_RECOVERY=narrow_recovery,
         HAS_BIAS=bias is not None,
     )
     return out.to(dtype)

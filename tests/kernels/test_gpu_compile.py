@@ -81,8 +81,22 @@ def _compile_all() -> list[str]:
             **plane_strides,
         }
 
-    def gemm_flags(w_bits: int, *, int_out: bool = False, wide: bool = False) -> dict:
-        return {"W_BITS": w_bits, "INT_OUT": int_out, "WIDE_ACC": wide, "HAS_BIAS": not int_out}
+    def gemm_flags(
+        w_bits: int,
+        *,
+        int_out: bool = False,
+        wide: bool = False,
+        narrow: bool = True,
+        byte_aligned: bool = True,
+    ) -> dict:
+        return {
+            "W_BITS": w_bits,
+            "BYTE_ALIGNED": byte_aligned,
+            "INT_OUT": int_out,
+            "WIDE_ACC": wide,
+            "NARROW_RECOVERY": narrow,
+            "HAS_BIAS": not int_out,
+        }
 
     for tile in triton_gemm._GEMM_TILES:
         build(
@@ -93,20 +107,26 @@ def _compile_all() -> list[str]:
             tile=tile,
         )
     both = (hopper, ampere)
-    # (output, W_BITS, INT_OUT, WIDE_ACC): each float output dtype, int64 products, and the
-    # int64 tile accumulator W8A8 switches to past G ~ 131k.
-    for out, w_bits, int_out, wide in (
-        ("*bf16", 1, False, False),
-        ("*fp16", 8, False, True),
-        ("*fp32", 3, False, False),
-        ("*i64", 5, True, False),
-        ("*i64", 8, True, True),
+    # (output, W_BITS, INT_OUT, WIDE_ACC, NARROW_RECOVERY, BYTE_ALIGNED): each float output
+    # dtype, int64 products, the int64 recovery, the int64 tile accumulator W8A8
+    # switches to past G ~ 131k, and the code-by-code weight unpack of K-groups that
+    # split a plane byte.
+    for out, w_bits, int_out, wide, narrow, byte_aligned in (
+        ("*bf16", 1, False, False, True, True),
+        ("*fp16", 8, False, True, False, True),
+        ("*fp32", 3, False, False, False, True),
+        ("*i64", 5, True, False, True, True),
+        ("*i64", 8, True, True, False, True),
+        ("*bf16", 4, False, False, True, False),
     ):
         build(
             triton_gemm._bipolar_gemm_kernel,
             gemm_signature(out),
-            gemm_flags(w_bits, int_out=int_out, wide=wide),
-            f"w{w_bits} {out[1:]}{' int64 accumulate' if wide else ''}",
+            gemm_flags(
+                w_bits, int_out=int_out, wide=wide, narrow=narrow, byte_aligned=byte_aligned
+            ),
+            f"w{w_bits} {out[1:]}{' int64 accumulate' if wide else ''}"
+            f"{'' if narrow else ' int64 recovery'}{'' if byte_aligned else ' per-code unpack'}",
             targets=both,
         )
 
@@ -138,9 +158,10 @@ def _compile_all() -> list[str]:
             **plane_strides,
         }
 
-    def a16_flags(w_bits: int, *, fp32: bool = False) -> dict:
+    def a16_flags(w_bits: int, *, fp32: bool = False, byte_aligned: bool = True) -> dict:
         return {
             "W_BITS": w_bits,
+            "BYTE_ALIGNED": byte_aligned,
             "HAS_BIAS": True,
             "DOT_FP32": fp32,
             "PRECISION": "ieee" if fp32 else "tf32",
@@ -173,6 +194,13 @@ def _compile_all() -> list[str]:
         a16_signature("*fp32"),
         a16_flags(2, fp32=True),
         "w2 fp32 ieee",
+        targets=both,
+    )
+    build(
+        triton_a16._bipolar_a16_kernel,
+        a16_signature("*bf16"),
+        a16_flags(4, byte_aligned=False),
+        "w4 bf16 per-code unpack",
         targets=both,
     )
 
@@ -226,7 +254,7 @@ def test_every_kernel_compiles_for_sm90() -> None:
         "_bipolar_bitplane_kernel",
     }
     assert sum("tile" in line for line in built) == 11 + 11 + 3  # every autotune config
-    assert sum("sm_80" in line for line in built) == 12
+    assert sum("sm_80" in line for line in built) == 14
 
 
 if __name__ == "__main__":

@@ -55,9 +55,12 @@ def test_triton_mm_int_is_exact(
 
 
 @pytest.mark.parametrize(("a_bits", "w_bits"), [(1, 1), (2, 3), (1, 8)], ids=str)
-def test_triton_bitplane_mm_int_is_exact(a_bits: int, w_bits: int, oracle_mm: Callable) -> None:
-    x_codes = _codes(5, 77, a_bits, seed=1)
-    w_codes = _codes(19, 77, w_bits, seed=2)
+@pytest.mark.parametrize(("m", "n", "k"), ODD_SHAPES, ids=str)
+def test_triton_bitplane_mm_int_is_exact(
+    a_bits: int, w_bits: int, m: int, n: int, k: int, oracle_mm: Callable
+) -> None:
+    x_codes = _codes(m, k, a_bits, seed=1)
+    w_codes = _codes(n, k, w_bits, seed=2)
     out = bipolar_mm_int(
         x_codes.to(DEVICE),
         w_codes.to(DEVICE),
@@ -115,6 +118,19 @@ def test_int64_tile_accumulator_is_exact(oracle_mm: Callable) -> None:
         accumulate_int64=True,
     )
     assert torch.equal(out.cpu(), oracle_mm(x_codes, w_codes, 8, 8))
+
+
+def test_int64_recovery_of_int32_tiles_is_exact() -> None:
+    # W8A8 at K = 34,000: every tile fits int32 (K * 2^14 < 2^31), the recovered product
+    # K * 255^2 = 2.2e9 does not, so the launcher recovers in int64.
+    k = 34_000
+    x_codes = torch.full((2, k), 255, dtype=torch.uint8)
+    w_codes = torch.cat([torch.full((1, k), 255, dtype=torch.uint8), _codes(2, k, 8, seed=5)])
+    out = bipolar_mm_int(
+        x_codes.to(DEVICE), w_codes.to(DEVICE), a_bits=8, w_bits=8, backend="triton"
+    ).cpu()
+    assert out[0, 0] == k * 255**2 > 2**31
+    assert torch.equal(out, bipolar_mm_int_reference(x_codes, w_codes, a_bits=8, w_bits=8))
 
 
 @pytest.mark.parametrize(("a_bits", "group_k"), [(8, 48), (3, 16), (1, 96)])
