@@ -78,6 +78,21 @@ def expand_bits(bytes_RB, ROWS: tl.constexpr, BYTES: tl.constexpr):
 
 
 @triton.jit
+def gather_codes(words_RB, ROWS: tl.constexpr, BYTES: tl.constexpr):
+    """4-bit codes int32 [ROWS, 8 * BYTES] from uint32 words [ROWS, BYTES] holding four
+    plane bytes each (plane j in byte j): code 8b + i takes bit i of each byte of word b.
+
+    Bits i, 8 + i, 16 + i, 24 + i of ``words >> i`` masked to 0x01010101, times
+    0x01020408 (bits 24, 17, 10, 3), land at bits 24..27; every other partial product
+    falls on a distinct bit below 24 or past 31, so nothing carries into the code.
+    """
+    bit_118 = tl.arange(0, 8).to(tl.uint32)[None, None, :]
+    spread_RB8 = (words_RB[:, :, None] >> bit_118) & 0x01010101
+    codes_RB8 = (spread_RB8 * 0x01020408) >> 24
+    return tl.reshape(codes_RB8, (ROWS, 8 * BYTES)).to(tl.int32)
+
+
+@triton.jit
 def unpack_weight_codes(
     w_ptr,
     k_start,
@@ -105,10 +120,23 @@ def unpack_weight_codes(
         offs_byte = k_start // 8 + tl.arange(0, BLOCK_K // 8)
         byte_mask_NB = n_mask[:, None] & (offs_byte * 8 < k_stop)[None, :]
         byte_NB = w_ptr + offs_n[:, None] * stride_wn + offs_byte[None, :]
-        u_NK = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
-        for j in tl.static_range(W_BITS):
-            plane_NB = tl.load(byte_NB + j * stride_wplane, mask=byte_mask_NB, other=0)
-            u_NK += expand_bits(plane_NB, BLOCK_N, BLOCK_K // 8) << j
+        if W_BITS == 1:
+            u_NK = expand_bits(tl.load(byte_NB, mask=byte_mask_NB, other=0), BLOCK_N, BLOCK_K // 8)
+        else:
+            # Planes 0-3 (4-7) interleaved bytewise into one word per byte position: bit i
+            # of byte j is bit i of code 8b + i in plane j, and one multiply gathers a code's
+            # four bits (gather_codes). 4 ops per code for w <= 4, against 3 per plane.
+            low_NB = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.uint32)
+            high_NB = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.uint32)
+            for j in tl.static_range(W_BITS):
+                plane_NB = tl.load(byte_NB + j * stride_wplane, mask=byte_mask_NB, other=0)
+                if j < 4:
+                    low_NB |= plane_NB.to(tl.uint32) << (8 * j)
+                else:
+                    high_NB |= plane_NB.to(tl.uint32) << (8 * (j - 4))
+            u_NK = gather_codes(low_NB, BLOCK_N, BLOCK_K // 8)
+            if W_BITS > 4:
+                u_NK += gather_codes(high_NB, BLOCK_N, BLOCK_K // 8) << 4
         return tl.trans(u_NK)
     else:
         k = k_start + tl.arange(0, BLOCK_K)
