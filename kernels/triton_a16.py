@@ -13,9 +13,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from bitscale.kernels import triton_expand
 from bitscale.kernels._triton_common import (
     INTERPRETED,
     autotune_configs,
+    bipolar_levels,
     byte_aligned,
     m_bucket,
     store_dtype,
@@ -47,7 +49,8 @@ _A16_TILES = (
 
 
 @triton.autotune(
-    configs=autotune_configs(_A16_TILES), key=["M_BUCKET", "N", "K", "GROUP_K", "W_BITS"]
+    configs=autotune_configs(_A16_TILES),
+    key=["M_BUCKET", "N", "K", "GROUP_K", "W_BITS", "W_LEVELS"],
 )
 @triton.jit
 def _bipolar_a16_kernel(
@@ -68,6 +71,7 @@ def _bipolar_a16_kernel(
     M_BUCKET,
     W_BITS: tl.constexpr,
     BYTE_ALIGNED: tl.constexpr,
+    W_LEVELS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -94,27 +98,31 @@ def _bipolar_a16_kernel(
                 mask=m_mask[:, None] & in_group[None, :],
                 other=0.0,
             )
-            u_KN = unpack_weight_codes(
-                w_ptr,
-                g * GROUP_K + kk,
-                (g + 1) * GROUP_K,
-                offs_n,
-                n_mask,
-                stride_wplane,
-                stride_wn,
-                W_BITS,
-                BYTE_ALIGNED,
-                BLOCK_K,
-                BLOCK_N,
-            )
-            # Level 2U - (2^w - 1) in float32 without an int -> float conversion (16 per
-            # SM-clock on sm_90, against 64-128 for integer and FMA ops): the bits
-            # 0x4B000000 + 2U + 1 read as float32 are 2^23 + 2U + 1, and subtracting
-            # 2^23 + 2^w is exact (Sterbenz).
-            magic_KN = (2 * u_KN + 0x4B000001).to(tl.float32, bitcast=True)
-            level_KN = magic_KN - (8388608.0 + (1 << W_BITS))
+            if W_LEVELS:
+                level_KN = tl.load(
+                    w_ptr + offs_n[None, :] * stride_wn + k[:, None],
+                    mask=in_group[:, None] & n_mask[None, :],
+                    other=0.0,
+                )
+            else:
+                u_KN = unpack_weight_codes(
+                    w_ptr,
+                    g * GROUP_K + kk,
+                    (g + 1) * GROUP_K,
+                    offs_n,
+                    n_mask,
+                    stride_wplane,
+                    stride_wn,
+                    W_BITS,
+                    BYTE_ALIGNED,
+                    BLOCK_K,
+                    BLOCK_N,
+                )
+                level_KN = bipolar_levels(u_KN, W_BITS)
             if DOT_FP32:
-                acc = tl.dot(x_MK.to(tl.float32), level_KN, acc, input_precision=PRECISION)
+                acc = tl.dot(
+                    x_MK.to(tl.float32), level_KN.to(tl.float32), acc, input_precision=PRECISION
+                )
             else:
                 acc = tl.dot(x_MK, level_KN.to(x_ptr.dtype.element_ty), acc)
         w_scale = tl.load(w_scale_ptr + offs_n * NUM_GROUPS + g, mask=n_mask, other=0.0)
@@ -126,9 +134,17 @@ def _bipolar_a16_kernel(
 
 
 def bipolar_linear_a16(
-    x: torch.Tensor, weight: PackedWeight, *, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: PackedWeight,
+    *,
+    bias: torch.Tensor | None = None,
+    expand_weight: bool | None = None,
 ) -> torch.Tensor:
-    """``x @ dequantize(weight)^T (+ bias)`` for float x [M, K]; output [M, N] in x's dtype."""
+    """``x @ dequantize(weight)^T (+ bias)`` for float x [M, K]; output [M, N] in x's dtype.
+
+    ``expand_weight`` forces (True) or forbids (False) expanding the planes to levels in
+    x's dtype before the matmul; None expands from ``triton_expand.EXPAND_MIN_M`` rows on.
+    """
     if x.dim() != 2 or not x.is_contiguous():
         raise ValueError(f"x must be a contiguous 2-d [M, K] tensor, got {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -136,7 +152,9 @@ def bipolar_linear_a16(
     m, k = x.shape
     n = weight.out_features
     if k != weight.in_features:
-        raise ValueError(f"K mismatch: x is {tuple(x.shape)}, the weight has K={k}")
+        raise ValueError(
+            f"K mismatch: x is {tuple(x.shape)}, the weight has K={weight.in_features}"
+        )
     planes = weight.planes
     if not planes.is_contiguous() or not weight.scales.is_contiguous():
         raise ValueError("the packed weight's planes and scales must be contiguous")
@@ -147,9 +165,16 @@ def bipolar_linear_a16(
         return out.to(x.dtype)
     fp32 = x.dtype == torch.float32
     group_k = weight.group_k
+    if expand_weight is None:
+        expand_weight = m >= triton_expand.EXPAND_MIN_M
+    if expand_weight:
+        w = triton_expand.expand_weight_levels(planes, weight.bits, k, x.dtype)
+        stride_wplane, stride_wn = 0, w.stride(0)
+    else:
+        w, (stride_wplane, stride_wn) = planes, planes.stride()[:2]
     _bipolar_a16_kernel[tile_grid(m, n)](
         x,
-        planes,
+        w,
         weight.scales,
         bias if bias is not None else weight.scales,
         out,
@@ -159,12 +184,13 @@ def bipolar_linear_a16(
         group_k,
         k // group_k,
         x.stride(0),
-        planes.stride(0),
-        planes.stride(1),
+        stride_wplane,
+        stride_wn,
         out.stride(0),
         m_bucket(m),
         W_BITS=weight.bits,
         BYTE_ALIGNED=byte_aligned(group_k, k // group_k),
+        W_LEVELS=expand_weight,
         HAS_BIAS=bias is not None,
         # The interpreter's bf16/fp16 tl.dot is wrong: dot in float32 there. On a GPU
         # float32 activations need "ieee", or tl.dot would round them to TF32.

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from bitscale.kernels import triton_expand
 from bitscale.kernels._triton_common import (
     INTERPRETED,
     autotune_configs,
@@ -59,7 +60,8 @@ _GEMM_TILES = (
 
 
 @triton.autotune(
-    configs=autotune_configs(_GEMM_TILES), key=["M_BUCKET", "N", "K", "GROUP_K", "W_BITS"]
+    configs=autotune_configs(_GEMM_TILES),
+    key=["M_BUCKET", "N", "K", "GROUP_K", "W_BITS", "W_CODES"],
 )
 @triton.jit
 def _bipolar_gemm_kernel(
@@ -83,6 +85,7 @@ def _bipolar_gemm_kernel(
     M_BUCKET,
     W_BITS: tl.constexpr,
     BYTE_ALIGNED: tl.constexpr,
+    W_CODES: tl.constexpr,
     INT_OUT: tl.constexpr,
     WIDE_ACC: tl.constexpr,
     NARROW_RECOVERY: tl.constexpr,
@@ -113,20 +116,27 @@ def _bipolar_gemm_kernel(
                 mask=m_mask[:, None] & in_group[None, :],
                 other=0,
             )
-            u_KN = unpack_weight_codes(
-                w_ptr,
-                g * GROUP_K + kk,
-                (g + 1) * GROUP_K,
-                offs_n,
-                n_mask,
-                stride_wplane,
-                stride_wn,
-                W_BITS,
-                BYTE_ALIGNED,
-                BLOCK_K,
-                BLOCK_N,
-            )
-            t_KN = (u_KN - (1 << (W_BITS - 1))).to(tl.int8)
+            if W_CODES:
+                t_KN = tl.load(
+                    w_ptr + offs_n[None, :] * stride_wn + k[:, None],
+                    mask=in_group[:, None] & n_mask[None, :],
+                    other=0,
+                )
+            else:
+                u_KN = unpack_weight_codes(
+                    w_ptr,
+                    g * GROUP_K + kk,
+                    (g + 1) * GROUP_K,
+                    offs_n,
+                    n_mask,
+                    stride_wplane,
+                    stride_wn,
+                    W_BITS,
+                    BYTE_ALIGNED,
+                    BLOCK_K,
+                    BLOCK_N,
+                )
+                t_KN = (u_KN - (1 << (W_BITS - 1))).to(tl.int8)
             if WIDE_ACC:
                 wide += tl.dot(x_SK, t_KN, out_dtype=tl.int32).to(tl.int64)
             else:
@@ -180,6 +190,7 @@ def bipolar_gemm(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     accumulate_int64: bool | None = None,
+    expand_weight: bool | None = None,
 ) -> torch.Tensor:
     """Launch the identity-B GEMM.
 
@@ -187,7 +198,9 @@ def bipolar_gemm(
     group, ``group_k == k``); with ``x_scales`` [M, NG] and ``w_scales`` [N, NG]
     (float32) it is the scaled float output in ``out_dtype``, plus ``bias``.
     ``accumulate_int64`` forces (True) or forbids (False) the int64 tile
-    accumulator; None picks it only when int32 could overflow.
+    accumulator; None picks it only when int32 could overflow. ``expand_weight``
+    forces (True) or forbids (False) expanding the planes to int8 codes before the
+    GEMM; None expands from ``triton_expand.EXPAND_MIN_M`` rows on.
     """
     if k < 1 or group_k < 1 or k % group_k:
         raise ValueError(f"group_k={group_k} must be positive and divide K={k}")
@@ -224,11 +237,18 @@ def bipolar_gemm(
     out = torch.empty((m, n), dtype=store_dtype(dtype), device=x_centred.device)
     if m == 0 or n == 0:
         return out.to(dtype)
+    if expand_weight is None:
+        expand_weight = m >= triton_expand.EXPAND_MIN_M
+    if expand_weight:
+        weight = triton_expand.expand_weight_codes(w_planes, w_bits, k)
+        stride_wplane, stride_wn = 0, weight.stride(0)
+    else:
+        weight, (stride_wplane, stride_wn) = w_planes, w_planes.stride()[:2]
     _bipolar_gemm_kernel[tile_grid(m, n)](
         x_centred,
         x_rowsums,
         x_scales if x_scales is not None else x_rowsums,
-        w_planes,
+        weight,
         w_rowsums,
         w_scales if w_scales is not None else w_rowsums,
         bias if bias is not None else w_rowsums,
@@ -239,12 +259,13 @@ def bipolar_gemm(
         group_k,
         num_groups,
         x_centred.stride(0),
-        w_planes.stride(0),
-        w_planes.stride(1),
+        stride_wplane,
+        stride_wn,
         out.stride(0),
         m_bucket(m),
         W_BITS=w_bits,
         BYTE_ALIGNED=byte_aligned(group_k, num_groups),
+        W_CODES=expand_weight,
         INT_OUT=int_out,
         WIDE_ACC=accumulate_int64,
         NARROW_RECOVERY=narrow_recovery,

@@ -22,14 +22,19 @@ pytest.importorskip("triton", reason="triton is not installed")
 # Per-block shared memory a kernel may opt into: 227 KiB on H100 (sm_90), 163 KiB on
 # A100 (sm_80) (CUDA programming guide, compute capabilities table).
 _SHARED_MEMORY_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+_ALIGNED_INTS = frozenset(
+    ("N", "K", "GROUP_K", "stride_xm", "stride_xplane", "stride_wplane", "stride_wn", "stride_om")
+)
 
 
 def _compile_all() -> list[str]:
-    """Compile every autotune tile of every kernel for sm_90, and each constexpr
-    specialization a launcher can pick (output dtypes, int64 recovery, float32 dots,
-    1 and 8 bits) for sm_90 and sm_80. Returns one ``kernel[label]`` line per build."""
+    """Compile every autotune tile of every kernel for sm_90, on bit planes and on
+    expanded weights, and each constexpr specialization a launcher can pick (output
+    dtypes, int64 recovery and accumulation, float32 dots, 1 and 8 bits, the per-code
+    unpack) for sm_90 and sm_80, and for odd shapes. Returns one ``kernel[label]`` line
+    per build."""
     import triton
-    from bitscale.kernels import triton_a16, triton_bitplane, triton_gemm
+    from bitscale.kernels import triton_a16, triton_bitplane, triton_expand, triton_gemm
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -44,15 +49,28 @@ def _compile_all() -> list[str]:
         *,
         tile: tuple[int, int, int, int, int] = (16, 32, 128, 4, 4),
         targets: tuple[GPUTarget, ...] = (hopper,),
+        odd_shapes: bool = False,
     ) -> None:
         jit = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
         block_m, block_n, block_k, warps, stages = tile
         if "BLOCK_M" in jit.arg_names:
             constexprs = {**constexprs, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
         full = {**signature, **dict.fromkeys(constexprs, "constexpr")}
-        for target in targets:
+        # Triton's JIT marks pointers and ints divisible by 16 (model shapes: N, K, group
+        # sizes, strides); only then are the K-loop loads vectorized and pipelined through
+        # shared memory (cp.async), so that is the build that meets the shared-memory
+        # limit and the register budget. Odd shapes (K = 77) get the plain build.
+        aligned = {
+            (jit.arg_names.index(name),): [["tt.divisibility", 16]]
+            for name, kind in signature.items()
+            if kind.startswith("*") or name in _ALIGNED_INTS
+        }
+        builds = [(target, aligned, "") for target in targets]
+        if odd_shapes:
+            builds.append((hopper, {}, " odd shapes"))
+        for target, attrs, variant in builds:
             kernel_binary = triton.compile(
-                ASTSource(jit, full, constexprs),
+                ASTSource(jit, full, constexprs, attrs=attrs),
                 target=target,
                 options={"num_warps": warps, "num_stages": stages},
             )
@@ -60,7 +78,7 @@ def _compile_all() -> list[str]:
             # fail with OutOfResources past the per-block opt-in limit.
             shared, limit = kernel_binary.metadata.shared, _SHARED_MEMORY_LIMIT[target.arch]
             assert shared <= limit, f"{jit.__name__}[{label}]: {shared} B shared > {limit} B"
-            compiled.append(f"{jit.__name__}[{label} sm_{target.arch}]")
+            compiled.append(f"{jit.__name__}[{label}{variant} sm_{target.arch}]")
 
     ints = dict.fromkeys(
         ("M", "N", "K", "GROUP_K", "NUM_GROUPS", "stride_xm", "stride_om", "M_BUCKET"), "i32"
@@ -92,6 +110,7 @@ def _compile_all() -> list[str]:
         return {
             "W_BITS": w_bits,
             "BYTE_ALIGNED": byte_aligned,
+            "W_CODES": False,
             "INT_OUT": int_out,
             "WIDE_ACC": wide,
             "NARROW_RECOVERY": narrow,
@@ -104,6 +123,16 @@ def _compile_all() -> list[str]:
             gemm_signature("*bf16"),
             gemm_flags(4),
             f"tile {tile}",
+            tile=tile,
+        )
+    # Large M: the weight arrives expanded to int8 codes (triton_expand), and any tile
+    # may win the autotune there.
+    for tile in triton_gemm._GEMM_TILES:
+        build(
+            triton_gemm._bipolar_gemm_kernel,
+            {**gemm_signature("*bf16"), "w_ptr": "*i8"},
+            {**gemm_flags(8), "W_CODES": True},
+            f"tile {tile} expanded",
             tile=tile,
         )
     both = (hopper, ampere)
@@ -128,6 +157,7 @@ def _compile_all() -> list[str]:
             f"w{w_bits} {out[1:]}{' int64 accumulate' if wide else ''}"
             f"{'' if narrow else ' int64 recovery'}{'' if byte_aligned else ' per-code unpack'}",
             targets=both,
+            odd_shapes=True,
         )
 
     quantize_signature = {
@@ -145,6 +175,7 @@ def _compile_all() -> list[str]:
             {"LEVELS": (1 << a_bits) - 1, "HALF": 1 << (a_bits - 1), "BLOCK": block},
             f"a{a_bits} {x_dtype[1:]} block {block}",
             targets=both,
+            odd_shapes=True,
         )
 
     def a16_signature(x: str) -> dict[str, str]:
@@ -162,6 +193,7 @@ def _compile_all() -> list[str]:
         return {
             "W_BITS": w_bits,
             "BYTE_ALIGNED": byte_aligned,
+            "W_LEVELS": False,
             "HAS_BIAS": True,
             "DOT_FP32": fp32,
             "PRECISION": "ieee" if fp32 else "tf32",
@@ -181,6 +213,7 @@ def _compile_all() -> list[str]:
         a16_flags(1),
         "w1 fp16",
         targets=both,
+        odd_shapes=True,
     )
     build(
         triton_a16._bipolar_a16_kernel,
@@ -188,6 +221,7 @@ def _compile_all() -> list[str]:
         a16_flags(8),
         "w8 bf16",
         targets=both,
+        odd_shapes=True,
     )
     build(
         triton_a16._bipolar_a16_kernel,
@@ -195,6 +229,7 @@ def _compile_all() -> list[str]:
         a16_flags(2, fp32=True),
         "w2 fp32 ieee",
         targets=both,
+        odd_shapes=True,
     )
     build(
         triton_a16._bipolar_a16_kernel,
@@ -202,7 +237,43 @@ def _compile_all() -> list[str]:
         a16_flags(4, byte_aligned=False),
         "w4 bf16 per-code unpack",
         targets=both,
+        odd_shapes=True,
     )
+    for tile in triton_a16._A16_TILES:
+        build(
+            triton_a16._bipolar_a16_kernel,
+            {**a16_signature("*bf16"), "w_ptr": "*bf16"},
+            {**a16_flags(4), "W_LEVELS": True},
+            f"tile {tile} expanded",
+            tile=tile,
+        )
+    build(
+        triton_a16._bipolar_a16_kernel,
+        {**a16_signature("*fp32"), "w_ptr": "*fp32"},
+        {**a16_flags(4, fp32=True), "W_LEVELS": True},
+        "w4 fp32 ieee expanded",
+        targets=both,
+        odd_shapes=True,
+    )
+
+    expand_signature = {
+        "w_ptr": "*u8",
+        "out_ptr": "*i8",
+        "N": "i32",
+        "K": "i32",
+        **plane_strides,
+    }
+    block_n, block_k = triton_expand._EXPAND_TILE
+    for w_bits, out in ((1, "*i8"), (5, "*i8"), (4, "*bf16"), (8, "*fp16"), (3, "*fp32")):
+        build(
+            triton_expand._expand_weight_kernel,
+            {**expand_signature, "out_ptr": out},
+            {"W_BITS": w_bits, "LEVELS": out != "*i8", "BLOCK_N": block_n, "BLOCK_K": block_k},
+            f"w{w_bits} {out[1:]}",
+            tile=(16, block_n, block_k, 4, 3),  # the launch defaults: 4 warps, 3 stages
+            targets=both,
+            odd_shapes=True,
+        )
 
     bitplane_signature = {
         "x_ptr": "*u8",
@@ -233,6 +304,7 @@ def _compile_all() -> list[str]:
         {"A_BITS": 1, "W_BITS": 8},
         "a1 w8",
         targets=both,
+        odd_shapes=True,
     )
     return compiled
 
@@ -242,7 +314,7 @@ def test_every_kernel_compiles_for_sm90() -> None:
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     result = subprocess.run(
-        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=280
+        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=420
     )
     assert result.returncode == 0, result.stderr[-4000:]
     built = result.stdout.splitlines()
@@ -252,9 +324,12 @@ def test_every_kernel_compiles_for_sm90() -> None:
         "_quantize_activations_kernel",
         "_bipolar_a16_kernel",
         "_bipolar_bitplane_kernel",
+        "_expand_weight_kernel",
     }
-    assert sum("tile" in line for line in built) == 11 + 11 + 3  # every autotune config
-    assert sum("sm_80" in line for line in built) == 14
+    # every autotune config, on planes and on expanded weights
+    assert sum("tile" in line for line in built) == 2 * (11 + 11) + 3
+    assert sum("sm_80" in line for line in built) == 20
+    assert sum("odd shapes" in line for line in built) == 20
 
 
 if __name__ == "__main__":

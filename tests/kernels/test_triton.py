@@ -35,6 +35,17 @@ SAMPLED_PAIRS = [(1, 1), (8, 8), (1, 8), (8, 1), (3, 5), (5, 3), (2, 7), (4, 4),
 ODD_SHAPES = [(5, 19, 77), (17, 3, 40)]
 
 
+@pytest.fixture(params=["planes", "expanded"])
+def weight_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test on both weight paths: planes unpacked in the K loop, and the planes
+    expanded once before the kernel (what the launchers pick for large M)."""
+    from bitscale.kernels import triton_expand
+
+    if request.param == "expanded":
+        monkeypatch.setattr(triton_expand, "EXPAND_MIN_M", 1)
+    return request.param
+
+
 def _codes(rows: int, k: int, bits: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, 2**bits, (rows, k), dtype=torch.uint8, generator=generator)
@@ -43,7 +54,7 @@ def _codes(rows: int, k: int, bits: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize(("a_bits", "w_bits"), SAMPLED_PAIRS, ids=str)
 @pytest.mark.parametrize(("m", "n", "k"), ODD_SHAPES, ids=str)
 def test_triton_mm_int_is_exact(
-    a_bits: int, w_bits: int, m: int, n: int, k: int, oracle_mm: Callable
+    weight_path: str, a_bits: int, w_bits: int, m: int, n: int, k: int, oracle_mm: Callable
 ) -> None:
     x_codes = _codes(m, k, a_bits, seed=a_bits * 10 + w_bits)
     w_codes = _codes(n, k, w_bits, seed=a_bits * 10 + w_bits + 1)
@@ -166,6 +177,7 @@ def _oracle_linear(
 )
 @pytest.mark.parametrize("w_bits", [1, 4, 7])
 def test_triton_a16_linear_within_float32_rounding(
+    weight_path: str,
     group_size: int | None,
     dtype: torch.dtype,
     output_unit: float,
@@ -190,6 +202,7 @@ def test_triton_a16_linear_within_float32_rounding(
 @pytest.mark.parametrize("method", ["absmax", "mse"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_triton_quantized_activation_linear(
+    weight_path: str,
     a_bits: int,
     w_bits: int,
     group_size: int | None,
@@ -244,6 +257,43 @@ def test_launcher_validation() -> None:
         quantize_activations(torch.randn(64, 4).t(), a_bits=4, group_k=64)
 
 
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_expanded_weight_matches_the_codes(bits: int) -> None:
+    from bitscale.kernels.triton_expand import expand_weight_codes, expand_weight_levels
+
+    # N = 19 and K = 77 cross the interpreter's 16 x 32 expansion tile.
+    codes = _codes(19, 77, bits, seed=bits)
+    planes = pack_bitplanes(codes, bits).to(DEVICE)
+    expected_levels = codes.to(torch.int32) * 2 - (2**bits - 1)
+    assert torch.equal(expand_weight_codes(planes, bits, 77).cpu(), centred_codes(codes, bits))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        levels = expand_weight_levels(planes, bits, 77, dtype).cpu()
+        assert levels.dtype == dtype and torch.equal(levels.to(torch.int32), expected_levels)
+
+
+def test_launchers_expand_from_expand_min_m(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bitscale.kernels import triton_expand
+
+    calls = []
+
+    def counted(expand: Callable) -> Callable:
+        def expand_and_count(*args, **kwargs) -> torch.Tensor:
+            calls.append(expand.__name__)
+            return expand(*args, **kwargs)
+
+        return expand_and_count
+
+    for name in ("expand_weight_codes", "expand_weight_levels"):
+        monkeypatch.setattr(triton_expand, name, counted(getattr(triton_expand, name)))
+    monkeypatch.setattr(triton_expand, "EXPAND_MIN_M", 9)
+    w = quantize(torch.randn(5, 40), 3).to(DEVICE)
+    for m, expanded in ((8, 0), (9, 1)):
+        for a_bits in (16, 4):
+            calls.clear()
+            bipolar_linear(torch.randn(m, 40, device=DEVICE), w, a_bits=a_bits, backend="triton")
+            assert len(calls) == expanded, (m, a_bits)
+
+
 def test_triton_empty_batch() -> None:
     w = quantize(torch.randn(5, 32), 2)
     for a_bits in (16, 4):
@@ -280,6 +330,19 @@ def test_gpu_bitplane_mm_int(a_bits: int, w_bits: int) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(("a_bits", "w_bits"), [(8, 8), (4, 3), (1, 1)], ids=str)
+def test_gpu_mm_int_expanded_weight(a_bits: int, w_bits: int) -> None:
+    from bitscale.kernels import triton_expand
+
+    m = triton_expand.EXPAND_MIN_M + 77  # the launcher's own choice: expand the planes
+    x_codes = _codes(m, 1000, a_bits, seed=3).cuda()
+    w_codes = _codes(130, 1000, w_bits, seed=4).cuda()
+    expected = bipolar_mm_int_reference(x_codes, w_codes, a_bits=a_bits, w_bits=w_bits)
+    out = bipolar_mm_int(x_codes, w_codes, a_bits=a_bits, w_bits=w_bits, backend="triton")
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.gpu
 def test_gpu_w8a8_long_k_does_not_overflow() -> None:
     # 65025 * K passes int32 at K ~ 33k; 140000 also passes the int32 tile limit (131072).
     for k in (40_000, 140_000):
@@ -295,11 +358,12 @@ def test_gpu_w8a8_long_k_does_not_overflow() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("a_bits", [16, 8, 4, 2])
 @pytest.mark.parametrize("group_size", [None, 128])
+@pytest.mark.parametrize("m", [77, 1100], ids=["planes", "expanded"])
 def test_gpu_linear(
-    dtype: torch.dtype, a_bits: int, group_size: int | None, fp32_error_bound: Callable
+    dtype: torch.dtype, a_bits: int, group_size: int | None, m: int, fp32_error_bound: Callable
 ) -> None:
     generator = torch.Generator().manual_seed(a_bits)
-    x = torch.randn(77, 1024, generator=generator).to(dtype)
+    x = torch.randn(m, 1024, generator=generator).to(dtype)
     w = quantize(torch.randn(384, 1024, generator=generator), 4, group_size=group_size)
     out = bipolar_linear(x.cuda(), w.to("cuda"), a_bits=a_bits, backend="triton")
     x_dequantized = x.float()

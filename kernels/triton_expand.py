@@ -1,0 +1,100 @@
+"""Triton expansion of a weight's bit planes, once per call, for large M.
+
+Imported only by ``triton_gemm`` and ``triton_a16``. Their kernels unpack the
+planes inside the K loop, and every BLOCK_M-row band of the output repeats it:
+about 4 integer ops per code (w <= 4) against, in the int8 GEMM, 128 int8 MACs
+per code for a 128-row band. On an H100 SM that is 4 / 64 = 0.06 clocks of
+integer ALU against 128 / 4096 = 0.03 of int8 tensor core per code and band, so
+past one band the unpack, not the MMA, sets the pace. From ``EXPAND_MIN_M`` rows
+on, the launchers expand once (N * K bytes for int8 codes, 2 N * K for bf16/fp16
+levels, written and read back through L2/HBM) and run the kernels on the result.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from bitscale.kernels._triton_common import (
+    INTERPRETED,
+    bipolar_levels,
+    store_dtype,
+    unpack_weight_codes,
+)
+
+__all__ = ["EXPAND_MIN_M", "expand_weight_codes", "expand_weight_levels"]
+
+EXPAND_MIN_M = 1024
+"""Rows of activations from which the launchers expand the weight first (8 bands of
+128 rows). A first guess from the op count above: the bench/kernels ``expand``
+benchmarks time both paths at M = 256 and 4096 on a GPU to place it."""
+
+# (BLOCK_N, BLOCK_K): 8K codes per program; the interpreter gets a small tile.
+_EXPAND_TILE = (16, 32) if INTERPRETED else (32, 256)
+
+
+@triton.jit
+def _expand_weight_kernel(
+    w_ptr,
+    out_ptr,
+    N,
+    K,
+    stride_wplane,
+    stride_wn,
+    W_BITS: tl.constexpr,
+    LEVELS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_start = tl.program_id(1) * BLOCK_K
+    offs_k = k_start + tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    u_KN = unpack_weight_codes(
+        w_ptr, k_start, K, offs_n, n_mask, stride_wplane, stride_wn, W_BITS, True, BLOCK_K, BLOCK_N
+    )
+    if LEVELS:
+        value_KN = bipolar_levels(u_KN, W_BITS).to(out_ptr.dtype.element_ty)
+    else:
+        value_KN = (u_KN - (1 << (W_BITS - 1))).to(tl.int8)
+    tl.store(
+        out_ptr + offs_n[None, :] * K + offs_k[:, None],
+        value_KN,
+        mask=(offs_k < K)[:, None] & n_mask[None, :],
+    )
+
+
+def _expand(planes: torch.Tensor, bits: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    assert planes.dtype == torch.uint8 and planes.is_contiguous(), "launchers pass packed planes"
+    assert planes.shape[0] == bits and planes.shape[2] == (k + 7) // 8
+    n = planes.shape[1]
+    out = torch.empty((n, k), dtype=store_dtype(dtype), device=planes.device)
+    block_n, block_k = _EXPAND_TILE
+    if n and k:
+        _expand_weight_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+            planes,
+            out,
+            n,
+            k,
+            planes.stride(0),
+            planes.stride(1),
+            W_BITS=bits,
+            LEVELS=dtype != torch.int8,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+        )
+    return out.to(dtype)
+
+
+def expand_weight_codes(planes: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """int8 [N, K] signed-centred codes T = U - 2^(bits-1) of the bit planes uint8
+    [bits, N, ceil(K/8)] (the kernels' own layout, checked by their launchers)."""
+    return _expand(planes, bits, k, torch.int8)
+
+
+def expand_weight_levels(
+    planes: torch.Tensor, bits: int, k: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """[N, K] bipolar levels 2U - (2^bits - 1) in ``dtype`` (odd integers up to 255,
+    exact in bf16, fp16 and fp32) of the bit planes uint8 [bits, N, ceil(K/8)]."""
+    return _expand(planes, bits, k, dtype)
