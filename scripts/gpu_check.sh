@@ -44,11 +44,12 @@ timeout "$test_seconds" "$python" -m pytest -q -m gpu "${workers[@]}" -p no:cach
 tests_status=$?
 stamp "gpu tests exit code $tests_status (124: cut by the time box)"
 
-# Cheapest and most asked-for first: weight-only at 4096^2 (decode), then W{4,8}A8 and
-# the bit-plane comparison, then the 8192 x 28672 shapes.
+# Cheapest and most asked-for first: weight-only at 4096^2 (decode), then W{4,8}A8, the
+# expansion crossover and the bit-plane comparison, then the 8192 x 28672 shapes.
 chunks=(
     "weight_only and N4096"
-    "(int8_activation and N4096) or bitplane"
+    "int8_activation and N4096"
+    "expanded_weight or bitplane"
     "weight_only and N8192"
     "int8_activation and N8192"
 )

@@ -251,3 +251,62 @@ def test_gpu_bitplane_vs_one_int8_dot(
         compute="int8",
         series=f"W{w_bits}A{a_bits} bit-plane",
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="kernels-gpu-expand")
+@pytest.mark.parametrize(("a_bits", "w_bits"), [(16, 4), (8, 4), (8, 8)], ids=str)
+@pytest.mark.parametrize("m", [256, 1024, 4096])
+def test_gpu_expanded_weight_crossover(
+    benchmark, bench_compare: Callable, limits, quick: bool, a_bits: int, w_bits: int, m: int
+) -> None:
+    """Where expanding the planes once per call (triton_expand) beats unpacking them in
+    every 128-row band: places EXPAND_MIN_M. Both paths include the expansion's cost."""
+    from bitscale.kernels.triton_a16 import bipolar_linear_a16
+    from bitscale.kernels.triton_gemm import bipolar_gemm, quantize_activations
+
+    n = k = 4096
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    packed = pack_weight(quantize(torch.randn(n, k, device="cuda"), w_bits, method="absmax"))
+    if a_bits == 16:
+
+        def run(expand_weight: bool) -> torch.Tensor:
+            return bipolar_linear_a16(x, packed, expand_weight=expand_weight)
+
+    else:
+        x_centred, x_rowsums, x_scales = quantize_activations(x, a_bits=a_bits, group_k=k)
+
+        def run(expand_weight: bool) -> torch.Tensor:
+            return bipolar_gemm(
+                x_centred,
+                x_rowsums,
+                packed.planes,
+                packed.centred_rowsums,
+                a_bits=a_bits,
+                w_bits=w_bits,
+                k=k,
+                group_k=k,
+                x_scales=x_scales,
+                w_scales=packed.scales,
+                out_dtype=torch.bfloat16,
+                expand_weight=expand_weight,
+            )
+
+    if a_bits == 16:  # float dots over other tiles: equal up to accumulation order
+        torch.testing.assert_close(run(True), run(False))
+    else:  # exact integer products, the same epilogue
+        assert torch.equal(run(True), run(False))
+    _gpu_compare(
+        benchmark,
+        bench_compare,
+        limits,
+        quick,
+        lambda: run(True),
+        {"planes in the K loop": lambda: run(False)},
+        m=m,
+        n=n,
+        k=k,
+        bytes_moved=packed.planes.numel() + (m * k + m * n) * 2,
+        compute="bf16" if a_bits == 16 else "int8",
+        series=f"W{w_bits}A{a_bits} expanded",
+    )
