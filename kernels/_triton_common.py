@@ -1,7 +1,7 @@
 """Launch and tile helpers shared by the Triton kernel modules.
 
-Imports triton, so only ``triton_gemm``, ``triton_a16`` and ``triton_bitplane``
-import it, and :mod:`bitscale.kernels.dispatch` imports those lazily.
+Imports triton, so only the ``triton_*`` kernel modules import it, and
+:mod:`bitscale.kernels.dispatch` imports those lazily.
 ``TRITON_INTERPRET`` is read once, here, when the first of them is imported.
 """
 
@@ -122,10 +122,10 @@ def unpack_weight_codes(
     Rows off ``n_mask`` and bytes from ``k_stop`` on load as 0; the callers zero the other
     operand past ``k_stop``, so the codes there (pad bits of a last, partial byte) never count.
 
-    With ``BYTE_ALIGNED`` (``k_start`` and ``k_stop`` multiples of 8) each plane byte is
-    loaded once and its 8 bits expanded in registers. Otherwise every code loads its
-    own byte, 8 loads per byte: at BLOCK_K = 512, W4 that is 64K loads per tile where
-    the byte path issues 8K, and the per-element pointers spill registers on sm_90.
+    With ``BYTE_ALIGNED`` (``k_start`` a multiple of 8; ``k_stop`` too, or K itself) each
+    plane byte is loaded once and its 8 bits expanded in registers. Otherwise every code
+    loads its own byte, 8 loads per byte: at BLOCK_K = 512, W4 that is 64K loads per tile
+    where the byte path issues 8K (scripts/sass_stats.py counts both).
     """
     if BYTE_ALIGNED:
         offs_byte = k_start // 8 + tl.arange(0, BLOCK_K // 8)

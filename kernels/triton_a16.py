@@ -100,7 +100,8 @@ def _bipolar_a16_kernel(
             )
             if W_LEVELS:
                 level_KN = tl.load(
-                    w_ptr + offs_n[None, :] * stride_wn + k[:, None],
+                    # int64 rows: an expanded weight passes 2^31 elements from N * K = 2^31.
+                    w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + k[:, None],
                     mask=in_group[:, None] & n_mask[None, :],
                     other=0.0,
                 )

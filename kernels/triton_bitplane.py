@@ -12,8 +12,9 @@ per plane pair. It costs a*w dots where ``triton_gemm`` needs one, so it only
 competes at a*w = 1; it exists to compare against the paper's scheme.
 
 Shape legend: planes uint8 [a, M, ceil(K/8)] and [w, N, ceil(K/8)], plane
-popcounts int32 [a, M] and [w, N]; bits past K are zero, so padding adds 0 to
-every product and the correction uses the true K.
+popcounts int32 [a, M] and [w, N] of the codes; the kernel drops x's bits past K,
+so padding adds 0 to every product whatever the planes hold there, and the
+correction uses the true K.
 """
 
 from __future__ import annotations
@@ -91,6 +92,10 @@ def _bipolar_bitplane_kernel(
                     mask=n_mask[:, None] & byte_mask[None, :],
                     other=0,
                 )
+                # Bits past K in a last, partial byte are dropped from x: a plane product
+                # then counts no pad bit whatever the planes hold there.
+                bits_in_K = tl.maximum(tl.minimum(K - byte * 8, 8), 0)
+                x_byte_MB &= ((1 << bits_in_K) - 1)[None, :]
                 b_MK = expand_bits(x_byte_MB, BLOCK_M, BLOCK_K // 8).to(tl.int8)
                 c_KN = tl.trans(expand_bits(w_byte_NB, BLOCK_N, BLOCK_K // 8).to(tl.int8))
                 plane_product = tl.dot(b_MK, c_KN, plane_product, out_dtype=tl.int32)

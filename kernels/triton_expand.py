@@ -4,10 +4,11 @@ Imported only by ``triton_gemm`` and ``triton_a16``. Their kernels unpack the
 planes inside the K loop, and every BLOCK_M-row band of the output repeats it:
 about 4 integer ops per code (w <= 4) against, in the int8 GEMM, 128 int8 MACs
 per code for a 128-row band. On an H100 SM that is 4 / 64 = 0.06 clocks of
-integer ALU against 128 / 4096 = 0.03 of int8 tensor core per code and band, so
-past one band the unpack, not the MMA, sets the pace. From ``EXPAND_MIN_M`` rows
-on, the launchers expand once (N * K bytes for int8 codes, 2 N * K for bf16/fp16
-levels, written and read back through L2/HBM) and run the kernels on the result.
+integer ALU against 128 / 4096 = 0.03 of int8 tensor core per code and band: the
+unpack, not the MMA, sets the pace, and every band pays it again. From
+``EXPAND_MIN_M`` rows on, the launchers expand once (N * K bytes for int8 codes,
+2 or 4 N * K for levels in the activation dtype, written and read back through
+L2/HBM) and run the kernels on the result.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ __all__ = ["EXPAND_MIN_M", "expand_weight_codes", "expand_weight_levels"]
 EXPAND_MIN_M = 1024
 """Rows of activations from which the launchers expand the weight first (8 bands of
 128 rows). A first guess from the op count above: the bench/kernels ``expand``
-benchmarks time both paths at M = 256 and 4096 on a GPU to place it."""
+benchmarks time both paths at M = 256, 1024 and 4096 on a GPU to place it."""
 
 # (BLOCK_N, BLOCK_K): 8K codes per program; the interpreter gets a small tile.
 _EXPAND_TILE = (16, 32) if INTERPRETED else (32, 256)
@@ -58,7 +59,7 @@ def _expand_weight_kernel(
     else:
         value_KN = (u_KN - (1 << (W_BITS - 1))).to(tl.int8)
     tl.store(
-        out_ptr + offs_n[None, :] * K + offs_k[:, None],
+        out_ptr + offs_n.to(tl.int64)[None, :] * K + offs_k[:, None],  # N * K may pass 2^31
         value_KN,
         mask=(offs_k < K)[:, None] & n_mask[None, :],
     )

@@ -1,8 +1,7 @@
 """Triton bipolar GEMM with one int8 x int8 -> int32 ``tl.dot`` per tile (identity B).
 
-Imported only by :mod:`bitscale.kernels.dispatch`, lazily: this is the one
-module (with its siblings ``triton_a16`` and ``triton_bitplane``) that imports
-triton. ``TRITON_INTERPRET`` is read when the kernels are decorated, at import.
+Imported only by :mod:`bitscale.kernels.dispatch`, lazily: the ``triton_*``
+modules are the only ones that import triton. ``TRITON_INTERPRET`` is read when the kernels are decorated, at import.
 
 Shape legend: M rows of activations (tokens), N output channels, K the
 reduction, G the K-group length (``group_k``; K when ungrouped), NG = K / G.
@@ -118,7 +117,8 @@ def _bipolar_gemm_kernel(
             )
             if W_CODES:
                 t_KN = tl.load(
-                    w_ptr + offs_n[None, :] * stride_wn + k[:, None],
+                    # int64 rows: an expanded weight passes 2^31 elements from N * K = 2^31.
+                    w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + k[:, None],
                     mask=in_group[:, None] & n_mask[None, :],
                     other=0,
                 )
@@ -232,7 +232,7 @@ def bipolar_gemm(
     if accumulate_int64 is None:
         accumulate_int64 = group_k << (a_bits + w_bits - 2) >= _INT32_LIMIT
     # |4 S @ T^T + 2 rowsum(S) + 2 rowsum(T) + G| < G * 2^(a + w + 1): int32 holds the
-    # recovery too (W4A8 to G = 2^18), and halves the epilogue's registers.
+    # recovery too (W4A8 for G < 2^18), and halves the epilogue's registers.
     narrow_recovery = not accumulate_int64 and group_k << (a_bits + w_bits + 1) < _INT32_LIMIT
     out = torch.empty((m, n), dtype=store_dtype(dtype), device=x_centred.device)
     if m == 0 or n == 0:

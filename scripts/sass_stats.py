@@ -2,9 +2,9 @@
 
 Compiles the builds of ``tests/kernels/test_gpu_compile.py`` (every autotune tile and
 launcher specialization, as the JIT builds them) and prints, per build, the registers
-per thread, the spill stack (local memory; any spill in a K loop costs L1 traffic),
-the SASS instruction count and the global loads, read from the cubin with the
-``cuobjdump`` that ships with Triton. Counts are static, not executed instructions:
+per thread, the stack (local memory, mostly register spills: in a K loop each costs L1
+traffic), the SASS instruction count and the global loads, read from the cubin with
+the ``cuobjdump`` that ships with Triton. Counts are static, not executed instructions:
 they compare kernel versions, they do not time them.
 
     python scripts/sass_stats.py [--grep TEXT]
@@ -68,7 +68,7 @@ def main() -> None:
     labels = compile_check._compile_all()
     assert len(labels) == len(stats), "one triton.compile per build"
     print(f"# python scripts/sass_stats.py: triton {triton.__version__}, static counts per cubin")
-    print(f"{'build':64} {'regs':>5} {'spill B':>8} {'instrs':>7} {'loads':>6}")
+    print(f"{'build':64} {'regs':>5} {'stack B':>8} {'instrs':>7} {'loads':>6}")
     for label, build in zip(labels, stats, strict=True):
         if args.grep in label:
             print(

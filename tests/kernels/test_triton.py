@@ -82,6 +82,24 @@ def test_triton_bitplane_mm_int_is_exact(
     assert torch.equal(out.cpu(), oracle_mm(x_codes, w_codes, a_bits, w_bits))
 
 
+def test_triton_bitplane_gemm_ignores_pad_bits(oracle_mm: Callable) -> None:
+    from bitscale.kernels.triton_bitplane import bipolar_bitplane_gemm, plane_popcounts
+
+    # K = 77: the last plane byte holds 5 codes and 3 pad bits, here set in both operands.
+    x_codes, w_codes = _codes(5, 77, 3, seed=6), _codes(19, 77, 2, seed=7)
+    x_planes, w_planes = pack_bitplanes(x_codes, 3), pack_bitplanes(w_codes, 2)
+    x_planes[..., -1] |= 0xE0
+    w_planes[..., -1] |= 0xE0
+    out = bipolar_bitplane_gemm(
+        x_planes.to(DEVICE),
+        w_planes.to(DEVICE),
+        plane_popcounts(x_codes, 3).to(DEVICE),
+        plane_popcounts(w_codes, 2).to(DEVICE),
+        k=77,
+    )
+    assert torch.equal(out.cpu(), oracle_mm(x_codes, w_codes, 3, 2))
+
+
 @settings(max_examples=8, deadline=None)
 @given(
     a_bits=st.integers(1, 8),
@@ -169,7 +187,8 @@ def _oracle_linear(
     return out if bias is None else out + bias.double()
 
 
-@pytest.mark.parametrize("group_size", [None, 32])
+# 12 splits plane bytes: the code-by-code unpack (BYTE_ALIGNED off).
+@pytest.mark.parametrize("group_size", [None, 32, 12])
 @pytest.mark.parametrize(
     ("dtype", "output_unit"),
     [(torch.float32, 0.0), (torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-11)],
@@ -197,8 +216,21 @@ def test_triton_a16_linear_within_float32_rounding(
     assert (error <= bound).all(), (error - bound).max()
 
 
+@pytest.mark.parametrize("w_bits", [1, 5, 8])
+def test_triton_a16_linear_odd_k(weight_path: str, w_bits: int, fp32_error_bound: Callable) -> None:
+    # K = 77, one group: the last plane byte holds 5 codes and 3 pad bits.
+    generator = torch.Generator().manual_seed(w_bits)
+    x = torch.randn(6, 77, generator=generator)
+    w = quantize(torch.randn(19, 77, generator=generator), w_bits)
+    out = bipolar_linear(x.to(DEVICE), w.to(DEVICE), backend="triton")
+    w_dequantized = dequantize(w)
+    expected = _oracle_linear(x, w_dequantized, None)
+    error = (out.cpu().double() - expected).abs()
+    assert (error <= fp32_error_bound(x, w_dequantized)).all()
+
+
 @pytest.mark.parametrize(("a_bits", "w_bits"), [(8, 4), (3, 2), (1, 1), (5, 8)], ids=str)
-@pytest.mark.parametrize("group_size", [None, 24])
+@pytest.mark.parametrize("group_size", [None, 24, 12])
 @pytest.mark.parametrize("method", ["absmax", "mse"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_triton_quantized_activation_linear(
@@ -335,8 +367,8 @@ def test_gpu_mm_int_expanded_weight(a_bits: int, w_bits: int) -> None:
     from bitscale.kernels import triton_expand
 
     m = triton_expand.EXPAND_MIN_M + 77  # the launcher's own choice: expand the planes
-    x_codes = _codes(m, 1000, a_bits, seed=3).cuda()
-    w_codes = _codes(130, 1000, w_bits, seed=4).cuda()
+    x_codes = _codes(m, 1001, a_bits, seed=3).cuda()  # K = 1001: a partial last byte
+    w_codes = _codes(130, 1001, w_bits, seed=4).cuda()
     expected = bipolar_mm_int_reference(x_codes, w_codes, a_bits=a_bits, w_bits=w_bits)
     out = bipolar_mm_int(x_codes, w_codes, a_bits=a_bits, w_bits=w_bits, backend="triton")
     assert torch.equal(out, expected)
