@@ -68,11 +68,11 @@ def main() -> None:
     labels = compile_check._compile_all()
     assert len(labels) == len(stats), "one triton.compile per build"
     print(f"# python scripts/sass_stats.py: triton {triton.__version__}, static counts per cubin")
-    print(f"{'build':64} {'regs':>5} {'stack B':>8} {'instrs':>7} {'loads':>6}")
+    print(f"{'build':74} {'regs':>5} {'stack B':>8} {'instrs':>7} {'loads':>6}")
     for label, build in zip(labels, stats, strict=True):
         if args.grep in label:
             print(
-                f"{label:64} {build['registers']:>5} {build['spill_bytes']:>8} "
+                f"{label:74} {build['registers']:>5} {build['spill_bytes']:>8} "
                 f"{build['instructions']:>7} {build['global_loads']:>6}"
             )
 

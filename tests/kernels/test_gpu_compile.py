@@ -80,6 +80,16 @@ def _compile_all() -> list[str]:
             assert shared <= limit, f"{jit.__name__}[{label}]: {shared} B shared > {limit} B"
             compiled.append(f"{jit.__name__}[{label}{variant} sm_{target.arch}]")
 
+    def sweep(kernel, signature: dict[str, str], constexprs: dict, tiles, label: str) -> None:
+        """Every autotune tile, grouped (NUM_GROUPS a runtime int), and as the JIT
+        specializes ungrouped weights (NUM_GROUPS == 1 becomes a constant), with decode's
+        M == 1 too on the 16-row tiles."""
+        for tile in tiles:
+            build(kernel, signature, constexprs, f"tile {tile}{label}", tile=tile)
+            ones = {"NUM_GROUPS": 1} | ({"M": 1, "M_BUCKET": 1} if tile[0] == 16 else {})
+            variant = " decode M=1" if tile[0] == 16 else " ungrouped"
+            build(kernel, signature, constexprs | ones, f"tile {tile}{label}{variant}", tile=tile)
+
     ints = dict.fromkeys(
         ("M", "N", "K", "GROUP_K", "NUM_GROUPS", "stride_xm", "stride_om", "M_BUCKET"), "i32"
     )
@@ -117,24 +127,22 @@ def _compile_all() -> list[str]:
             "HAS_BIAS": not int_out,
         }
 
-    for tile in triton_gemm._GEMM_TILES:
-        build(
-            triton_gemm._bipolar_gemm_kernel,
-            gemm_signature("*bf16"),
-            gemm_flags(4),
-            f"tile {tile}",
-            tile=tile,
-        )
+    sweep(
+        triton_gemm._bipolar_gemm_kernel,
+        gemm_signature("*bf16"),
+        gemm_flags(4),
+        triton_gemm._GEMM_TILES,
+        "",
+    )
     # Large M: the weight arrives expanded to int8 codes (triton_expand), and any tile
     # may win the autotune there.
-    for tile in triton_gemm._GEMM_TILES:
-        build(
-            triton_gemm._bipolar_gemm_kernel,
-            {**gemm_signature("*bf16"), "w_ptr": "*i8"},
-            {**gemm_flags(8), "W_CODES": True},
-            f"tile {tile} expanded",
-            tile=tile,
-        )
+    sweep(
+        triton_gemm._bipolar_gemm_kernel,
+        {**gemm_signature("*bf16"), "w_ptr": "*i8"},
+        {**gemm_flags(8), "W_CODES": True},
+        triton_gemm._GEMM_TILES,
+        " expanded",
+    )
     both = (hopper, ampere)
     # (output, W_BITS, INT_OUT, WIDE_ACC, NARROW_RECOVERY, BYTE_ALIGNED): each float output
     # dtype, int64 products, the int64 recovery, the int64 tile accumulator W8A8
@@ -199,14 +207,13 @@ def _compile_all() -> list[str]:
             "PRECISION": "ieee" if fp32 else "tf32",
         }
 
-    for tile in triton_a16._A16_TILES:
-        build(
-            triton_a16._bipolar_a16_kernel,
-            a16_signature("*bf16"),
-            a16_flags(4),
-            f"tile {tile}",
-            tile=tile,
-        )
+    sweep(
+        triton_a16._bipolar_a16_kernel,
+        a16_signature("*bf16"),
+        a16_flags(4),
+        triton_a16._A16_TILES,
+        "",
+    )
     build(
         triton_a16._bipolar_a16_kernel,
         a16_signature("*fp16"),
@@ -239,14 +246,13 @@ def _compile_all() -> list[str]:
         targets=both,
         odd_shapes=True,
     )
-    for tile in triton_a16._A16_TILES:
-        build(
-            triton_a16._bipolar_a16_kernel,
-            {**a16_signature("*bf16"), "w_ptr": "*bf16"},
-            {**a16_flags(4), "W_LEVELS": True},
-            f"tile {tile} expanded",
-            tile=tile,
-        )
+    sweep(
+        triton_a16._bipolar_a16_kernel,
+        {**a16_signature("*bf16"), "w_ptr": "*bf16"},
+        {**a16_flags(4), "W_LEVELS": True},
+        triton_a16._A16_TILES,
+        " expanded",
+    )
     build(
         triton_a16._bipolar_a16_kernel,
         {**a16_signature("*fp32"), "w_ptr": "*fp32"},
@@ -326,8 +332,8 @@ def test_every_kernel_compiles_for_sm90() -> None:
         "_bipolar_bitplane_kernel",
         "_expand_weight_kernel",
     }
-    # every autotune config, on planes and on expanded weights
-    assert sum("tile" in line for line in built) == 2 * (11 + 11) + 3
+    # every autotune config, on planes and on expanded weights, grouped and ungrouped
+    assert sum("tile" in line for line in built) == 2 * 2 * (11 + 11) + 3
     assert sum("sm_80" in line for line in built) == 20
     assert sum("odd shapes" in line for line in built) == 20
 
