@@ -374,6 +374,70 @@ def test_gpu_mm_int_expanded_weight(a_bits: int, w_bits: int) -> None:
     assert torch.equal(out, expected)
 
 
+def _gpu_tiles() -> list:
+    """(kernel module name, tile) for every autotune tile of the two GEMM kernels. The
+    kernel modules are imported only with CUDA: imported at collection on CPU, they would
+    miss the interpreter the kernels tests switch on (conftest.py)."""
+    if not torch.cuda.is_available():
+        return [pytest.param("triton_gemm", None, id="every-tile")]  # skipped: gpu marker
+    from bitscale.kernels import triton_a16, triton_gemm
+
+    return [("triton_gemm", tile) for tile in triton_gemm._GEMM_TILES] + [
+        ("triton_a16", tile) for tile in triton_a16._A16_TILES
+    ]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("module", "tile"), _gpu_tiles())
+def test_gpu_every_tile(
+    module: str, tile: tuple, monkeypatch: pytest.MonkeyPatch, fp32_error_bound: Callable
+) -> None:
+    """Each tile forced in turn (autotune elsewhere runs only the tile it picks), on planes
+    and on expanded weights: M = 300 and N = 260 cross the 128- and 256-wide tiles."""
+    import triton
+    from bitscale.kernels import triton_a16, triton_gemm
+
+    block_m, block_n, block_k, warps, stages = tile
+    config = triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
+        num_warps=warps,
+        num_stages=stages,
+    )
+    if module == "triton_gemm":
+        monkeypatch.setattr(triton_gemm._bipolar_gemm_kernel, "configs", [config])
+        x_codes = _codes(300, 1001, 8, seed=5).cuda()  # K = 1001: a partial last byte
+        w_codes = _codes(260, 1001, 5, seed=6).cuda()  # 5 planes: both gathered words
+        x_centred = centred_codes(x_codes, 8)
+        expected = bipolar_mm_int_reference(x_codes, w_codes, a_bits=8, w_bits=5)
+        for expand_weight in (False, True):
+            out = triton_gemm.bipolar_gemm(
+                x_centred,
+                x_centred.sum(1, dtype=torch.int32)[:, None].contiguous(),
+                pack_bitplanes(w_codes, 5),
+                centred_codes(w_codes, 5).sum(1, dtype=torch.int32)[:, None].contiguous(),
+                a_bits=8,
+                w_bits=5,
+                k=1001,
+                group_k=1001,
+                expand_weight=expand_weight,
+            )
+            assert torch.equal(out, expected), expand_weight
+    else:
+        monkeypatch.setattr(triton_a16._bipolar_a16_kernel, "configs", [config])
+        generator = torch.Generator().manual_seed(7)
+        x = torch.randn(300, 1024, generator=generator).to(torch.bfloat16)
+        w = quantize(torch.randn(260, 1024, generator=generator), 3, group_size=128)
+        w_dequantized = dequantize(w)
+        expected = _oracle_linear(x.float(), w_dequantized, None)
+        bound = fp32_error_bound(x.float(), w_dequantized) + expected.abs() * 2.0**-8
+        for expand_weight in (False, True):
+            out = triton_a16.bipolar_linear_a16(
+                x.cuda(), pack_weight(w.to("cuda")), expand_weight=expand_weight
+            )
+            error = (out.cpu().double() - expected).abs()
+            assert (error <= bound).all(), (expand_weight, (error - bound).max())
+
+
 @pytest.mark.gpu
 def test_gpu_w8a8_long_k_does_not_overflow() -> None:
     # 65025 * K passes int32 at K ~ 33k; 140000 also passes the int32 tile limit (131072).
