@@ -34,6 +34,11 @@ __all__ = ["INTERPRETED", "bipolar_linear_a16"]
 # an SM's share of HBM (~25 GB/s) times ~1 us latency is ~25 KB, so the decode tiles
 # reach BLOCK_K = 512 (W4: 8 KB of planes per stage, 2-3 stages in flight).
 _A16_TILES = (
+    # BLOCK_M = 1: the GEMV path, FMAs instead of a 16-row dot; for M = 1 only.
+    (1, 16, 256, 4, 3),
+    (1, 32, 128, 4, 4),
+    (1, 32, 256, 4, 3),
+    (1, 64, 128, 4, 3),
     (16, 32, 128, 4, 4),
     (16, 32, 256, 4, 3),
     (16, 32, 512, 4, 3),
@@ -48,9 +53,19 @@ _A16_TILES = (
 )
 
 
+def _rows_fit(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Autotune candidates for this call: the GEMV tiles (BLOCK_M = 1) only at M = 1,
+    where they compete with the 16-row tiles; a GEMV program per row would re-read the
+    weight M times."""
+    if named_args["M_BUCKET"] == 1:
+        return configs
+    return [config for config in configs if config.kwargs["BLOCK_M"] > 1]
+
+
 @triton.autotune(
     configs=autotune_configs(_A16_TILES),
     key=["M_BUCKET", "N", "K", "GROUP_K", "W_BITS", "W_LEVELS"],
+    prune_configs_by={"early_config_prune": _rows_fit},
 )
 @triton.jit
 def _bipolar_a16_kernel(
@@ -88,16 +103,13 @@ def _bipolar_a16_kernel(
     n_mask = offs_n < N
     result = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for g in range(0, NUM_GROUPS):
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if BLOCK_M == 1:
+            partial_KN = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kk in range(0, GROUP_K, BLOCK_K):
             in_group = (kk + offs_k) < GROUP_K
             k = g * GROUP_K + kk + offs_k
-            # Padded activations are 0, so the weight levels there never count.
-            x_MK = tl.load(
-                x_ptr + offs_m[:, None] * stride_xm + k[None, :],
-                mask=m_mask[:, None] & in_group[None, :],
-                other=0.0,
-            )
             if W_LEVELS:
                 level_KN = tl.load(
                     # int64 rows: an expanded weight passes 2^31 elements from N * K = 2^31.
@@ -120,12 +132,34 @@ def _bipolar_a16_kernel(
                     BLOCK_N,
                 )
                 level_KN = bipolar_levels(u_KN, W_BITS)
-            if DOT_FP32:
-                acc = tl.dot(
-                    x_MK.to(tl.float32), level_KN.to(tl.float32), acc, input_precision=PRECISION
+            # Padded activations are 0, so the weight levels there never count.
+            if BLOCK_M == 1:
+                # Decode GEMV: one row, float32 FMAs into a [BLOCK_K, BLOCK_N] partial sum
+                # reduced once per group, instead of an MMA over 15 padding rows. Unmeasured:
+                # autotune weighs it against the 16-row tiles at M = 1.
+                x_K1 = tl.load(
+                    x_ptr + offs_m[None, :] * stride_xm + k[:, None],
+                    mask=m_mask[None, :] & in_group[:, None],
+                    other=0.0,
                 )
+                partial_KN += x_K1.to(tl.float32) * level_KN.to(tl.float32)
             else:
-                acc = tl.dot(x_MK, level_KN.to(x_ptr.dtype.element_ty), acc)
+                x_MK = tl.load(
+                    x_ptr + offs_m[:, None] * stride_xm + k[None, :],
+                    mask=m_mask[:, None] & in_group[None, :],
+                    other=0.0,
+                )
+                if DOT_FP32:
+                    acc = tl.dot(
+                        x_MK.to(tl.float32),
+                        level_KN.to(tl.float32),
+                        acc,
+                        input_precision=PRECISION,
+                    )
+                else:
+                    acc = tl.dot(x_MK, level_KN.to(x_ptr.dtype.element_ty), acc)
+        if BLOCK_M == 1:
+            acc = tl.sum(partial_KN, axis=0)[None, :]
         w_scale = tl.load(w_scale_ptr + offs_n * NUM_GROUPS + g, mask=n_mask, other=0.0)
         result += acc * w_scale[None, :]
     if HAS_BIAS:

@@ -83,11 +83,12 @@ def _compile_all() -> list[str]:
     def sweep(kernel, signature: dict[str, str], constexprs: dict, tiles, label: str) -> None:
         """Every autotune tile, grouped (NUM_GROUPS a runtime int), and as the JIT
         specializes ungrouped weights (NUM_GROUPS == 1 becomes a constant), with decode's
-        M == 1 too on the 16-row tiles."""
+        M == 1 too on the 16-row and GEMV (1-row) tiles."""
         for tile in tiles:
             build(kernel, signature, constexprs, f"tile {tile}{label}", tile=tile)
-            ones = {"NUM_GROUPS": 1} | ({"M": 1, "M_BUCKET": 1} if tile[0] == 16 else {})
-            variant = " decode M=1" if tile[0] == 16 else " ungrouped"
+            decode = tile[0] <= 16
+            ones = {"NUM_GROUPS": 1} | ({"M": 1, "M_BUCKET": 1} if decode else {})
+            variant = " decode M=1" if decode else " ungrouped"
             build(kernel, signature, constexprs | ones, f"tile {tile}{label}{variant}", tile=tile)
 
     ints = dict.fromkeys(
@@ -333,7 +334,7 @@ def test_every_kernel_compiles_for_sm90() -> None:
         "_expand_weight_kernel",
     }
     # every autotune config, on planes and on expanded weights, grouped and ungrouped
-    assert sum("tile" in line for line in built) == 2 * 2 * (11 + 11) + 3
+    assert sum("tile" in line for line in built) == 2 * 2 * (11 + 15) + 3
     assert sum("sm_80" in line for line in built) == 20
     assert sum("odd shapes" in line for line in built) == 20
 

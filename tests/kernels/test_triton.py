@@ -216,6 +216,48 @@ def test_triton_a16_linear_within_float32_rounding(
     assert (error <= bound).all(), (error - bound).max()
 
 
+@pytest.mark.parametrize("group_size", [None, 32, 12])
+@pytest.mark.parametrize(
+    ("dtype", "output_unit"), [(torch.float32, 0.0), (torch.bfloat16, 2.0**-8)]
+)
+@pytest.mark.parametrize("w_bits", [1, 5])
+def test_triton_a16_gemv_tiles(
+    weight_path: str,
+    group_size: int | None,
+    dtype: torch.dtype,
+    output_unit: float,
+    w_bits: int,
+    monkeypatch: pytest.MonkeyPatch,
+    fp32_error_bound: Callable,
+) -> None:
+    """The decode GEMV tiles (BLOCK_M = 1), forced: autotune offers them only at M = 1,
+    and the interpreter pins one 16-row tile."""
+    import triton
+    from bitscale.kernels import triton_a16
+
+    gemv = triton.Config({"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4)
+    monkeypatch.setattr(triton_a16._bipolar_a16_kernel, "configs", [gemv])
+    generator = torch.Generator().manual_seed(w_bits)
+    x = torch.randn(3, 96, generator=generator).to(dtype)  # one program per row
+    w = quantize(torch.randn(33, 96, generator=generator), w_bits, group_size=group_size)
+    bias = torch.randn(33, generator=generator)
+    out = bipolar_linear(x.to(DEVICE), w.to(DEVICE), bias=bias.to(DEVICE), backend="triton")
+    w_dequantized = dequantize(w)
+    expected = _oracle_linear(x.float(), w_dequantized, bias)
+    bound = fp32_error_bound(x.float(), w_dequantized) + expected.abs() * output_unit
+    assert ((out.cpu().double() - expected).abs() <= bound).all()
+
+
+def test_gemv_tiles_are_offered_only_at_m_1() -> None:
+    import triton
+    from bitscale.kernels.triton_a16 import _rows_fit
+
+    gemv = triton.Config({"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 128})
+    dot = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128})
+    assert _rows_fit([gemv, dot], {"M_BUCKET": 1}) == [gemv, dot]
+    assert _rows_fit([gemv, dot], {"M_BUCKET": 2}) == [dot]
+
+
 @pytest.mark.parametrize("w_bits", [1, 5, 8])
 def test_triton_a16_linear_odd_k(weight_path: str, w_bits: int, fp32_error_bound: Callable) -> None:
     # K = 77, one group: the last plane byte holds 5 codes and 3 pad bits.
