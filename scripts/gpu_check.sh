@@ -9,15 +9,15 @@
 #      only itself.
 #
 # Logs and the results file land in $OUT (default runs/gpu-check). Time boxes, in
-# seconds: TEST_SECONDS (default 150) and BENCH_SECONDS (default 240, all chunks
+# seconds: TEST_SECONDS (default 180) and BENCH_SECONDS (default 210, all chunks
 # together); with the install and `bitscale env` the whole script stays under 7 minutes,
 # which leaves a 15-minute lease room for the machine's start and one short rerun.
 set -u -o pipefail
 
 out=${OUT:-runs/gpu-check}
 python=${PYTHON:-python3}
-test_seconds=${TEST_SECONDS:-150}
-bench_seconds=${BENCH_SECONDS:-240}
+test_seconds=${TEST_SECONDS:-180}
+bench_seconds=${BENCH_SECONDS:-210}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 # Triton >= 3.9 warns unless this is set; the kernels are written for fused multiply-add.
