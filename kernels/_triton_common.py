@@ -134,9 +134,10 @@ def unpack_weight_codes(
         if W_BITS == 1:
             u_NK = expand_bits(tl.load(byte_NB, mask=byte_mask_NB, other=0), BLOCK_N, BLOCK_K // 8)
         else:
-            # Planes 0-3 (4-7) interleaved bytewise into one word per byte position: bit i
-            # of byte j is bit i of code 8b + i in plane j, and one multiply gathers a code's
-            # four bits (gather_codes). 4 ops per code for w <= 4, against 3 per plane.
+            # Planes 0-3 (4-7) interleaved into one word per byte position b: byte j of the
+            # word is plane j's byte b, whose bit i belongs to code 8b + i, and one multiply
+            # gathers a code's four bits (gather_codes). 4 ops per code for w <= 4, against
+            # 3 per plane.
             low_NB = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.uint32)
             high_NB = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.uint32)
             for j in tl.static_range(W_BITS):

@@ -1,7 +1,8 @@
 """Triton bipolar GEMM with one int8 x int8 -> int32 ``tl.dot`` per tile (identity B).
 
 Imported only by :mod:`bitscale.kernels.dispatch`, lazily: the ``triton_*``
-modules are the only ones that import triton. ``TRITON_INTERPRET`` is read when the kernels are decorated, at import.
+modules are the only ones that import triton. ``TRITON_INTERPRET`` is read when
+the kernels are decorated, at import.
 
 Shape legend: M rows of activations (tokens), N output channels, K the
 reduction, G the K-group length (``group_k``; K when ungrouped), NG = K / G.
