@@ -8,6 +8,10 @@ the ``cuobjdump`` that ships with Triton. Counts are static, not executed instru
 they compare kernel versions, they do not time them.
 
     python scripts/sass_stats.py [--grep TEXT]
+
+Another Triton version (the GPU machines run 3.6) without touching the venv:
+``pip install --no-deps --target DIR triton==3.6.0``, then
+``PYTHONPATH=DIR TRITON_CACHE_DIR=DIR/cache python scripts/sass_stats.py``.
 """
 
 from __future__ import annotations
