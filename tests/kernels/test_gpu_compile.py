@@ -215,38 +215,22 @@ def _compile_all() -> list[str]:
         triton_a16._A16_TILES,
         "",
     )
-    build(
-        triton_a16._bipolar_a16_kernel,
-        a16_signature("*fp16"),
-        a16_flags(1),
-        "w1 fp16",
-        targets=both,
-        odd_shapes=True,
-    )
-    build(
-        triton_a16._bipolar_a16_kernel,
-        a16_signature("*bf16"),
-        a16_flags(8),
-        "w8 bf16",
-        targets=both,
-        odd_shapes=True,
-    )
-    build(
-        triton_a16._bipolar_a16_kernel,
-        a16_signature("*fp32"),
-        a16_flags(2, fp32=True),
-        "w2 fp32 ieee",
-        targets=both,
-        odd_shapes=True,
-    )
-    build(
-        triton_a16._bipolar_a16_kernel,
-        a16_signature("*bf16"),
-        a16_flags(4, byte_aligned=False),
-        "w4 bf16 per-code unpack",
-        targets=both,
-        odd_shapes=True,
-    )
+    # (activations, flags, label): each activation dtype, 1 and 8 bits, float32 "ieee"
+    # dots, and the code-by-code unpack.
+    for x_dtype, flags, label in (
+        ("*fp16", a16_flags(1), "w1 fp16"),
+        ("*bf16", a16_flags(8), "w8 bf16"),
+        ("*fp32", a16_flags(2, fp32=True), "w2 fp32 ieee"),
+        ("*bf16", a16_flags(4, byte_aligned=False), "w4 bf16 per-code unpack"),
+    ):
+        build(
+            triton_a16._bipolar_a16_kernel,
+            a16_signature(x_dtype),
+            flags,
+            label,
+            targets=both,
+            odd_shapes=True,
+        )
     sweep(
         triton_a16._bipolar_a16_kernel,
         {**a16_signature("*bf16"), "w_ptr": "*bf16"},
