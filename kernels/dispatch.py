@@ -69,8 +69,11 @@ class KernelStatus:
         return f"{self.mode.value} ({self.reason})"
 
 
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+# Looked up once, at import (find_spec does not import triton): resolve_backend runs on
+# every call, also inside torch.compile, and Dynamo before torch 2.13 cannot trace
+# importlib.util.find_spec (a fullgraph compile of an eval layer failed there: H100,
+# torch 2.11).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def _interpreting() -> bool:
@@ -85,7 +88,7 @@ def kernel_status(
     Does not import triton or initialize CUDA (``bitscale env`` reports this).
     """
     if triton_installed is None:
-        triton_installed = _triton_installed()
+        triton_installed = _TRITON_INSTALLED
     if cuda_available is None:
         cuda_available = torch.cuda.is_available()
     if not triton_installed:
@@ -101,7 +104,7 @@ def kernel_status(
 
 
 def _triton_unavailable_reason(device: torch.device) -> str | None:
-    if not _triton_installed():
+    if not _TRITON_INSTALLED:
         return "triton is not installed"
     if device.type == "cuda" or (device.type == "cpu" and _interpreting()):
         return None

@@ -52,6 +52,25 @@ def test_compiled_eval_forward_is_bitwise_eager(
         assert torch.equal(out, layer(x))
 
 
+def test_compiled_eval_forward_does_no_import_lookups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dynamo before torch 2.13 cannot trace importlib.util.find_spec: backend resolution
+    inside a compiled forward must not call it (it did, and a fullgraph compile failed
+    on the H100 machine's torch 2.11)."""
+    import importlib.util
+
+    layer = _layer(a_bits=16, backend="auto").eval()
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(1))
+
+    def no_lookups(name: str, package: str | None = None) -> None:
+        raise AssertionError(f"find_spec({name!r}) called in the forward")
+
+    monkeypatch.setattr(importlib.util, "find_spec", no_lookups)
+    compiled, counter = _compile(layer)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), layer(x))
+    assert counter.frame_count == 1
+
+
 def test_compiled_qat_step_is_bitwise_eager() -> None:
     layer = _layer(a_bits=8, group_size=16, backend="reference")
     x = torch.randn(6, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
@@ -178,6 +197,7 @@ def test_eval_before_moving_a_triton_layer_to_its_device_does_not_raise(
 
 
 @pytest.mark.gpu
+@pytest.mark.autotune  # autotuning must happen outside the graph capture
 @pytest.mark.parametrize(
     ("a_bits", "activation_method"), [(16, "absmax"), (8, "absmax"), (4, "meanabs")]
 )
