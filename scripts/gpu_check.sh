@@ -39,7 +39,8 @@ if "$python" -c "import xdist" 2>/dev/null; then
     workers=(-n 8)
 fi
 stamp "gpu tests (time box ${test_seconds} s)"
-timeout "$test_seconds" "$python" -m pytest -q -m gpu "${workers[@]}" -p no:cacheprovider \
+# -v: one line per test as it ends, so a run cut by the time box still says which passed.
+timeout "$test_seconds" "$python" -m pytest -v --tb=short -m gpu "${workers[@]}" -p no:cacheprovider \
     tests/kernels tests/hdp tests/checkpoint 2>&1 | tee "$out/gpu-tests.log"
 tests_status=$?
 stamp "gpu tests exit code $tests_status (124: cut by the time box)"
@@ -63,8 +64,8 @@ for chunk in "${chunks[@]}"; do
     stamp "bench chunk: $chunk (time box ${left} s)"
     timeout "$left" "$python" -m bitscale bench run --only kernels -- -m gpu -k "$chunk" \
         2>&1 | tee -a "$out/bench.log"
+    find bench/results -maxdepth 1 -name '*.json' -newer "$out/env.txt" -exec cp {} "$out/" \;
 done
 
-find bench/results -maxdepth 1 -name '*.json' -newer "$out/env.txt" -exec cp {} "$out/" \;
 stamp "done; files in $out: $(ls "$out" | tr '\n' ' ')"
 exit "$tests_status"

@@ -55,6 +55,42 @@ def _one_intra_op_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+# The tile each gpu test pins per kernel (module: kernel, its tile table, the tile):
+# mid-sized tiles that the test shapes cross; test_gpu_every_tile checks every tile.
+_PINNED_TILES = {
+    "triton_gemm": ("_bipolar_gemm_kernel", "_GEMM_TILES", (64, 64, 128, 4, 4)),
+    "triton_a16": ("_bipolar_a16_kernel", "_A16_TILES", (16, 64, 128, 4, 4)),
+    "triton_bitplane": ("_bipolar_bitplane_kernel", "_BITPLANE_TILES", (64, 64, 128, 4, 4)),
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_tile_per_kernel_on_gpu(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pin each autotuned kernel to one tile in the gpu tests, except those marked
+    ``autotune``.
+
+    Autotune compiles and times every tile for each new key: on the H100 machine the
+    first 26 gpu tests took 170 s on 8 workers, almost all of it compiling 11-16 tiles
+    per width pair. One tile per kernel checks the arithmetic; test_gpu_every_tile
+    checks each tile.
+    """
+    node = request.node
+    if (
+        not torch.cuda.is_available()
+        or node.get_closest_marker("gpu") is None
+        or node.get_closest_marker("autotune") is not None
+    ):
+        return
+    from bitscale.kernels._triton_common import autotune_configs
+
+    for module_name, (kernel_name, tiles_name, tile) in _PINNED_TILES.items():
+        module = importlib.import_module(f"bitscale.kernels.{module_name}")
+        assert tile in getattr(module, tiles_name), (module_name, tile)
+        monkeypatch.setattr(getattr(module, kernel_name), "configs", autotune_configs([tile]))
+
+
 def naive_bipolar_mm(
     x_codes: torch.Tensor, w_codes: torch.Tensor, a_bits: int, w_bits: int
 ) -> torch.Tensor:
