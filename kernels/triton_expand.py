@@ -25,7 +25,13 @@ from bitscale.kernels._triton_common import (
 
 __all__ = ["EXPAND_MIN_M", "expand_weight_codes", "expand_weight_levels"]
 
-EXPAND_MIN_M = 1024
+# Measured on an H100 (Triton 3.6, CUDA-graph timed, N = K = 4096, bench/kernels'
+# crossover): at M = 256 the expanded path took 27-51 us against 148-219 us with the
+# planes in the K loop (W4A8, W8A8, W4A16: 3.2-6.0x faster); at M = 16 the in-loop
+# W4A16 kernel took 32 us, less than the 51 us the expanded W4A16 path took at M = 256.
+# The in-loop time grows about 0.55 us a row past 16, so the two cross near 50 rows;
+# 128 keeps a margin until the bench's M = 16 and 64 points place it.
+EXPAND_MIN_M = 128
 """Rows of activations from which the launchers expand the weight first (8 bands of
 128 rows). A first guess from the op count above: the bench/kernels ``expand``
 benchmarks time both paths at M = 256, 1024 and 4096 on a GPU to place it."""
