@@ -19,9 +19,11 @@ __all__ = [
     "autotune_configs",
     "bipolar_levels",
     "byte_aligned",
+    "cdiv",
     "expand_bits",
     "m_bucket",
     "store_dtype",
+    "tile_config",
     "tile_grid",
     "unpack_weight_codes",
 ]
@@ -29,17 +31,24 @@ __all__ = [
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def autotune_configs(tiles: Iterable[tuple[int, int, int, int, int]]) -> list[triton.Config]:
-    """One config per ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` tile."""
+def tile_config(tile: tuple[int, ...]) -> triton.Config:
+    """The config of a ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, SPLIT_K])``
+    tile (SPLIT_K only for kernels that split K, which default it to 1)."""
+    block_m, block_n, block_k, warps, stages, *split_k = tile
+    meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
+    if split_k:
+        (meta["SPLIT_K"],) = split_k
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
+
+
+def autotune_configs(tiles: Iterable[tuple[int, ...]]) -> list[triton.Config]:
+    """One config per tile (:func:`tile_config`)."""
     if INTERPRETED:
         # The interpreter ignores warps/stages and autotune would run every
         # config: one small config, BLOCK_M/N >= 16 and BLOCK_K >= 32 like the
         # GPU compiler's int8 MMA needs, so CPU tests exercise compilable tiles.
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in tiles
-    ]
+        return [tile_config((16, 16, 32, 4, 3))]
+    return [tile_config(tile) for tile in tiles]
 
 
 def byte_aligned(group_k: int, num_groups: int) -> bool:
@@ -48,16 +57,24 @@ def byte_aligned(group_k: int, num_groups: int) -> bool:
     return num_groups == 1 or group_k % 8 == 0
 
 
+# Plain-Python launch arithmetic: these run on every call, and triton.cdiv /
+# triton.next_power_of_2 are constexpr-function wrappers in Triton 3.9 that cost
+# microseconds a call (3 calls were 10% of a decode launch's host time here).
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def m_bucket(m: int) -> int:
     """Autotune key: shapes with M in the same power-of-two bucket share a config."""
-    return min(triton.next_power_of_2(max(m, 1)), 4096)
+    return min(1 << (max(m, 1) - 1).bit_length(), 4096)
 
 
-def tile_grid(m: int, n: int) -> Callable[[dict], tuple[int, int]]:
-    """The launch grid of an [m, n] output: one program per BLOCK_M x BLOCK_N tile."""
+def tile_grid(m: int, n: int) -> Callable[[dict], tuple[int, int, int]]:
+    """The launch grid of an [m, n] output: one program per BLOCK_M x BLOCK_N tile, times
+    SPLIT_K for kernels that split K."""
 
-    def grid(meta: dict) -> tuple[int, int]:
-        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
+    def grid(meta: dict) -> tuple[int, int, int]:
+        return cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"]), meta.get("SPLIT_K", 1)
 
     return grid
 

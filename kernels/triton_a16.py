@@ -5,7 +5,9 @@ Imported only by :mod:`bitscale.kernels.dispatch`, lazily. Shape legend as in
 scales float32 [N, NG]. Each K-tile of the weight is unpacked in registers to its
 bipolar levels 2U - (2^w - 1) (odd integers up to 255, exact in bf16 and fp16),
 dotted with the activations in their own dtype with a float32 accumulator, and
-scaled once per K-group.
+scaled once per K-group. Up to 16 rows, autotune also weighs split-K tiles: SPLIT_K
+programs share an output tile's K-tiles, and the last to finish adds their float32
+partials in a fixed order, so outputs do not change from run to run.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from bitscale.kernels._triton_common import (
     autotune_configs,
     bipolar_levels,
     byte_aligned,
+    cdiv,
     m_bucket,
     store_dtype,
     tile_grid,
@@ -53,17 +56,39 @@ _A16_TILES = (
 )
 
 
+# Split-K tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K), for
+# M <= SPLIT_K_MAX_M. On the H100 at N = K = 4096 the decode kernels were latency-bound,
+# not bandwidth-bound: W1 took 11.9 us for 2 MB of planes and each further plane (2 MB)
+# added only ~1.3 us, a ~10 us floor set by 16 dependent K-loop iterations of 128-256
+# programs (1-2 per SM). Splitting K over 4-8 programs shortens that chain as much and
+# puts 4-8x the programs, and bytes in flight, on the SMs.
+_A16_SPLIT_K_TILES = (
+    (1, 32, 256, 4, 3, 4),
+    (1, 64, 128, 4, 3, 8),
+    (16, 32, 128, 4, 4, 4),
+    (16, 64, 128, 4, 4, 8),
+)
+SPLIT_K_MAX_M = 16
+_MAX_SPLIT_K = max(tile[5] for tile in _A16_SPLIT_K_TILES)
+_MIN_BLOCK_N = min(tile[1] for tile in _A16_TILES + _A16_SPLIT_K_TILES)
+
+
 def _rows_fit(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Autotune candidates for this call: the GEMV tiles (BLOCK_M = 1) only at M = 1,
-    where they compete with the 16-row tiles; a GEMV program per row would re-read the
-    weight M times."""
-    if named_args["M_BUCKET"] == 1:
-        return configs
-    return [config for config in configs if config.kwargs["BLOCK_M"] > 1]
+    where they compete with the 16-row tiles (a GEMV program per row would re-read the
+    weight M times), and split-K tiles only up to SPLIT_K_MAX_M rows, where the launcher
+    allocates their workspace."""
+    bucket = named_args["M_BUCKET"]
+    return [
+        config
+        for config in configs
+        if (bucket == 1 or config.kwargs["BLOCK_M"] > 1)
+        and (bucket <= SPLIT_K_MAX_M or config.kwargs.get("SPLIT_K", 1) == 1)
+    ]
 
 
 @triton.autotune(
-    configs=autotune_configs(_A16_TILES),
+    configs=autotune_configs(_A16_TILES + _A16_SPLIT_K_TILES),
     key=["M_BUCKET", "N", "K", "GROUP_K", "W_BITS", "W_LEVELS"],
     prune_configs_by={"early_config_prune": _rows_fit},
 )
@@ -74,6 +99,8 @@ def _bipolar_a16_kernel(
     w_scale_ptr,
     bias_ptr,
     out_ptr,
+    workspace_ptr,
+    counter_ptr,
     M,
     N,
     K,
@@ -93,6 +120,7 @@ def _bipolar_a16_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr = 1,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -102,12 +130,37 @@ def _bipolar_a16_kernel(
     m_mask = offs_m < M
     n_mask = offs_n < N
     result = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for g in range(0, NUM_GROUPS):
+    if SPLIT_K == 1:
+        first_group = 0
+        stop_group = NUM_GROUPS
+    else:
+        # This program's share of the K-tiles, numbered group after group. A group split
+        # between programs is scaled in each; the last program adds the parts.
+        tiles_per_group = tl.cdiv(GROUP_K, BLOCK_K)
+        tiles_per_split = tl.cdiv(NUM_GROUPS * tiles_per_group, SPLIT_K)
+        first_tile = tl.program_id(2) * tiles_per_split
+        stop_tile = tl.minimum(first_tile + tiles_per_split, NUM_GROUPS * tiles_per_group)
+        if NUM_GROUPS == 1:
+            # A constant when the JIT specializes ungrouped weights: g = 0 keeps the
+            # K offsets' alignment known, and so the plane loads vectorized.
+            first_group = 0
+            stop_group = 1
+        else:
+            first_group = first_tile // tiles_per_group
+            stop_group = tl.cdiv(stop_tile, tiles_per_group)
+    for g in range(first_group, stop_group):
+        if SPLIT_K == 1:
+            kk_start = 0
+            kk_stop = GROUP_K
+        else:
+            group_tile = g * tiles_per_group
+            kk_start = (tl.maximum(first_tile, group_tile) - group_tile) * BLOCK_K
+            kk_stop = (tl.minimum(stop_tile, group_tile + tiles_per_group) - group_tile) * BLOCK_K
         if BLOCK_M == 1:
             partial_KN = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kk in range(0, GROUP_K, BLOCK_K):
+        for kk in range(kk_start, kk_stop, BLOCK_K):
             in_group = (kk + offs_k) < GROUP_K
             k = g * GROUP_K + kk + offs_k
             if W_LEVELS:
@@ -162,10 +215,30 @@ def _bipolar_a16_kernel(
             acc = tl.sum(partial_KN, axis=0)[None, :]
         w_scale = tl.load(w_scale_ptr + offs_n * NUM_GROUPS + g, mask=n_mask, other=0.0)
         result += acc * w_scale[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K > 1:
+        # Deterministic split-K: every program stores its float32 partial, and the last
+        # of a tile's SPLIT_K programs to arrive sums them in split order and writes the
+        # output (atomics would add in arrival order, differing run to run).
+        partial_ptrs = workspace_ptr + (offs_m[:, None] * N + offs_n[None, :])
+        tl.store(partial_ptrs + tl.program_id(2) * M * N, result, mask=out_mask)
+        tl.debug_barrier()  # all of this program's partial before its arrival
+        tile = pid_m * tl.num_programs(1) + pid_n
+        arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
+        last = arrived == SPLIT_K - 1
+        if last:
+            result = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for split in tl.static_range(SPLIT_K):
+                # .cg: from L2, where the other programs' partials are, not a stale L1.
+                result += tl.load(
+                    partial_ptrs + split * M * N, mask=out_mask, other=0.0, cache_modifier=".cg"
+                )
+            tl.atomic_xchg(counter_ptr + tile, 0)  # zero again for the next launch or replay
+        out_mask = tl.where(last, out_mask, False)  # `&` makes an int32 mask in the interpreter
     if HAS_BIAS:
         result += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 def bipolar_linear_a16(
@@ -207,12 +280,20 @@ def bipolar_linear_a16(
         stride_wplane, stride_wn = 0, w.stride(0)
     else:
         w, (stride_wplane, stride_wn) = planes, planes.stride()[:2]
+    if m_bucket(m) <= SPLIT_K_MAX_M:  # the split-K tiles' partials and arrival counters
+        workspace = torch.empty((_MAX_SPLIT_K, m, n), dtype=torch.float32, device=x.device)
+        counters = torch.zeros(m * cdiv(n, _MIN_BLOCK_N), dtype=torch.int32, device=x.device)
+    else:
+        workspace = torch.empty(0, dtype=torch.float32, device=x.device)
+        counters = torch.empty(0, dtype=torch.int32, device=x.device)
     _bipolar_a16_kernel[tile_grid(m, n)](
         x,
         w,
         weight.scales,
         bias if bias is not None else weight.scales,
         out,
+        workspace,
+        counters,
         m,
         n,
         k,

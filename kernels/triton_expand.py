@@ -19,6 +19,7 @@ import triton.language as tl
 from bitscale.kernels._triton_common import (
     INTERPRETED,
     bipolar_levels,
+    cdiv,
     store_dtype,
     unpack_weight_codes,
 )
@@ -78,7 +79,7 @@ def _expand(planes: torch.Tensor, bits: int, k: int, dtype: torch.dtype) -> torc
     out = torch.empty((n, k), dtype=store_dtype(dtype), device=planes.device)
     block_n, block_k = _EXPAND_TILE
     if n and k:
-        _expand_weight_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+        _expand_weight_kernel[(cdiv(n, block_n), cdiv(k, block_k))](
             planes,
             out,
             n,

@@ -47,14 +47,16 @@ def _compile_all() -> list[str]:
         constexprs: dict,
         label: str,
         *,
-        tile: tuple[int, int, int, int, int] = (16, 32, 128, 4, 4),
+        tile: tuple[int, ...] = (16, 32, 128, 4, 4),
         targets: tuple[GPUTarget, ...] = (hopper,),
         odd_shapes: bool = False,
     ) -> None:
         jit = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-        block_m, block_n, block_k, warps, stages = tile
+        block_m, block_n, block_k, warps, stages, *split_k = tile
         if "BLOCK_M" in jit.arg_names:
             constexprs = {**constexprs, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
+        if "SPLIT_K" in jit.arg_names:
+            constexprs = {**constexprs, "SPLIT_K": split_k[0] if split_k else 1}
         full = {**signature, **dict.fromkeys(constexprs, "constexpr")}
         # Triton's JIT marks pointers and ints divisible by 16 (model shapes: N, K, group
         # sizes, strides); only then are the K-loop loads vectorized and pipelined through
@@ -194,6 +196,8 @@ def _compile_all() -> list[str]:
             "w_scale_ptr": "*fp32",
             "bias_ptr": "*fp32",
             "out_ptr": x,
+            "workspace_ptr": "*fp32",
+            "counter_ptr": "*i32",
             **ints,
             **plane_strides,
         }
@@ -212,7 +216,7 @@ def _compile_all() -> list[str]:
         triton_a16._bipolar_a16_kernel,
         a16_signature("*bf16"),
         a16_flags(4),
-        triton_a16._A16_TILES,
+        triton_a16._A16_TILES + triton_a16._A16_SPLIT_K_TILES,
         "",
     )
     # (activations, flags, label): each activation dtype, 1 and 8 bits, float32 "ieee"
@@ -235,7 +239,7 @@ def _compile_all() -> list[str]:
         triton_a16._bipolar_a16_kernel,
         {**a16_signature("*bf16"), "w_ptr": "*bf16"},
         {**a16_flags(4), "W_LEVELS": True},
-        triton_a16._A16_TILES,
+        triton_a16._A16_TILES + triton_a16._A16_SPLIT_K_TILES,
         " expanded",
     )
     build(
@@ -317,8 +321,9 @@ def test_every_kernel_compiles_for_sm90() -> None:
         "_bipolar_bitplane_kernel",
         "_expand_weight_kernel",
     }
-    # every autotune config, on planes and on expanded weights, grouped and ungrouped
-    assert sum("tile" in line for line in built) == 2 * 2 * (11 + 15) + 3
+    # every autotune config (split-K too), on planes and on expanded weights, grouped and
+    # ungrouped
+    assert sum("tile" in line for line in built) == 2 * 2 * (11 + 15 + 4) + 3
     assert sum("sm_80" in line for line in built) == 20
     assert sum("odd shapes" in line for line in built) == 20
 

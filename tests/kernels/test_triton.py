@@ -248,14 +248,64 @@ def test_triton_a16_gemv_tiles(
     assert ((out.cpu().double() - expected).abs() <= bound).all()
 
 
-def test_gemv_tiles_are_offered_only_at_m_1() -> None:
-    import triton
-    from bitscale.kernels.triton_a16 import _rows_fit
+def test_a16_autotune_candidates_by_rows() -> None:
+    """GEMV tiles only at M = 1; split-K tiles only up to SPLIT_K_MAX_M rows, where the
+    launcher allocates their workspace."""
+    from bitscale.kernels._triton_common import tile_config
+    from bitscale.kernels.triton_a16 import SPLIT_K_MAX_M, _rows_fit
 
-    gemv = triton.Config({"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 128})
-    dot = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128})
-    assert _rows_fit([gemv, dot], {"M_BUCKET": 1}) == [gemv, dot]
-    assert _rows_fit([gemv, dot], {"M_BUCKET": 2}) == [dot]
+    gemv = tile_config((1, 32, 128, 4, 3))
+    dot = tile_config((16, 32, 128, 4, 3))
+    gemv_split = tile_config((1, 32, 128, 4, 3, 4))
+    dot_split = tile_config((16, 32, 128, 4, 3, 8))
+    configs = [gemv, dot, gemv_split, dot_split]
+    assert _rows_fit(configs, {"M_BUCKET": 1}) == configs
+    assert _rows_fit(configs, {"M_BUCKET": 2}) == [dot, dot_split]
+    assert _rows_fit(configs, {"M_BUCKET": SPLIT_K_MAX_M}) == [dot, dot_split]
+    assert _rows_fit(configs, {"M_BUCKET": 2 * SPLIT_K_MAX_M}) == [dot]
+
+
+@pytest.mark.parametrize("group_size", [None, 32, 12])
+@pytest.mark.parametrize(
+    "tile", [(1, 16, 32, 4, 3, 3), (16, 16, 64, 4, 3, 8)], ids=["gemv-split3", "dot-split8"]
+)
+def test_triton_a16_split_k_tiles(
+    weight_path: str,
+    group_size: int | None,
+    tile: tuple[int, ...],
+    monkeypatch: pytest.MonkeyPatch,
+    fp32_error_bound: Callable,
+) -> None:
+    """Split-K tiles, forced (autotune offers them up to 16 rows). Ungrouped, K = 200 is
+    7 K-tiles of 32 (the last partial) over 3 programs, or 4 of 64 over 8 (4 programs
+    with none); groups of 32 and 12 (K = 192) are split or shared between programs. The
+    last program of each output tile writes it and zeroes the tile's arrival counter."""
+    from bitscale.kernels import triton_a16
+    from bitscale.kernels._triton_common import tile_config
+
+    monkeypatch.setattr(triton_a16._bipolar_a16_kernel, "configs", [tile_config(tile)])
+    generator = torch.Generator().manual_seed(len(tile) + (group_size or 0))
+    k = 200 if group_size is None else 192
+    x = torch.randn(3, k, generator=generator)
+    w = quantize(torch.randn(33, k, generator=generator), 3, group_size=group_size)
+    bias = torch.randn(33, generator=generator)
+    int32_zeros = []
+
+    def spy_zeros(*args: object, **kwargs: object) -> torch.Tensor:
+        tensor = torch_zeros(*args, **kwargs)
+        if tensor.dtype == torch.int32:
+            int32_zeros.append(tensor)
+        return tensor
+
+    torch_zeros = torch.zeros
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "zeros", spy_zeros)
+        out = bipolar_linear(x.to(DEVICE), w.to(DEVICE), bias=bias.to(DEVICE), backend="triton")
+    w_dequantized = dequantize(w)
+    expected = _oracle_linear(x, w_dequantized, bias)
+    assert ((out.cpu().double() - expected).abs() <= fp32_error_bound(x, w_dequantized)).all()
+    (counters,) = int32_zeros
+    assert not counters.any(), "arrival counters must be zero for the next launch"
 
 
 @pytest.mark.parametrize("w_bits", [1, 5, 8])
@@ -424,8 +474,9 @@ def _gpu_tiles() -> list:
         return [pytest.param("triton_gemm", None, id="every-tile")]  # skipped: gpu marker
     from bitscale.kernels import triton_a16, triton_gemm
 
+    a16_tiles = triton_a16._A16_TILES + triton_a16._A16_SPLIT_K_TILES
     return [("triton_gemm", tile) for tile in triton_gemm._GEMM_TILES] + [
-        ("triton_a16", tile) for tile in triton_a16._A16_TILES
+        ("triton_a16", tile) for tile in a16_tiles
     ]
 
 
@@ -435,16 +486,12 @@ def test_gpu_every_tile(
     module: str, tile: tuple, monkeypatch: pytest.MonkeyPatch, fp32_error_bound: Callable
 ) -> None:
     """Each tile forced in turn (autotune elsewhere runs only the tile it picks), on planes
-    and on expanded weights: M = 300 and N = 260 cross the 128- and 256-wide tiles."""
-    import triton
+    and on expanded weights: M = 300 and N = 260 cross the 128- and 256-wide tiles; the
+    split-K tiles, offered up to 16 rows, run M = 13."""
     from bitscale.kernels import triton_a16, triton_gemm
+    from bitscale.kernels._triton_common import tile_config
 
-    block_m, block_n, block_k, warps, stages = tile
-    config = triton.Config(
-        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
-        num_warps=warps,
-        num_stages=stages,
-    )
+    config = tile_config(tile)
     if module == "triton_gemm":
         monkeypatch.setattr(triton_gemm._bipolar_gemm_kernel, "configs", [config])
         x_codes = _codes(300, 1001, 8, seed=5).cuda()  # K = 1001: a partial last byte
@@ -467,7 +514,8 @@ def test_gpu_every_tile(
     else:
         monkeypatch.setattr(triton_a16._bipolar_a16_kernel, "configs", [config])
         generator = torch.Generator().manual_seed(7)
-        x = torch.randn(300, 1024, generator=generator).to(torch.bfloat16)
+        rows = 13 if "SPLIT_K" in config.kwargs else 300
+        x = torch.randn(rows, 1024, generator=generator).to(torch.bfloat16)
         w = quantize(torch.randn(260, 1024, generator=generator), 3, group_size=128)
         w_dequantized = dequantize(w)
         expected = _oracle_linear(x.float(), w_dequantized, None)
