@@ -92,6 +92,33 @@ def _graph_seconds(fn: Callable[[], object]) -> float:
     return triton.testing.do_bench_cudagraph(fn) * 1e-3
 
 
+def _autotuned_kernels() -> dict[str, object]:
+    from bitscale.kernels import triton_a16, triton_bitplane, triton_gemm
+
+    return {
+        "a16": triton_a16._bipolar_a16_kernel,
+        "gemm": triton_gemm._bipolar_gemm_kernel,
+        "bitplane": triton_bitplane._bipolar_bitplane_kernel,
+    }
+
+
+def _forget_autotune_choices() -> None:
+    for kernel in _autotuned_kernels().values():
+        kernel.best_config = kernel.configs_timings = None
+
+
+def _autotune_choices(fn: Callable[[], object]) -> dict[str, dict]:
+    """The config autotune picked (Triton's ``best_config``) for each Triton GEMM kernel
+    that ``fn`` launches."""
+    _forget_autotune_choices()
+    fn()
+    choices = {}
+    for name, kernel in _autotuned_kernels().items():
+        if kernel.best_config is not None:
+            choices[name] = {"picked": str(kernel.best_config)}
+    return choices
+
+
 def _gpu_limit_and_work(limits, m: int, n: int, k: int, bytes_moved: int, compute: str):
     """Memory-bound decode (M <= 16) is held to HBM bandwidth, larger M to the compute peak."""
     if m <= 16:
@@ -115,6 +142,7 @@ def _gpu_compare(
     series: str,
 ) -> None:
     limit, work = _gpu_limit_and_work(limits, m, n, k, bytes_moved, compute)
+    _forget_autotune_choices()  # so configs_timings below come from this case's tuning
     first_name, first = next(iter(baselines.items()))
     bench_compare(
         bitscale,
@@ -130,9 +158,20 @@ def _gpu_compare(
         work=None if limit is None else work,
         limit=limit,
     )
+    # Every candidate's time in ms (median, p20, p80) where this case ran the tuning:
+    # which tiles win where (GEMV, split-K, 16-row) without more device time.
+    timings = {
+        name: {str(config): ms for config, ms in kernel.configs_timings.items()}
+        for name, kernel in _autotuned_kernels().items()
+        if kernel.configs_timings
+    }
     graph_seconds = _graph_seconds(bitscale)
     graph_baselines = {name: _graph_seconds(fn) for name, fn in baselines.items()}
+    autotune = _autotune_choices(bitscale)
+    for name, candidates in timings.items():
+        autotune.setdefault(name, {})["candidates_ms"] = candidates
     benchmark.extra_info.update(
+        autotune=autotune,
         graph_seconds=graph_seconds,
         graph_baseline_seconds=graph_baselines,
         graph_ratio_to_baseline={name: s / graph_seconds for name, s in graph_baselines.items()},
