@@ -280,7 +280,8 @@ def bipolar_linear_a16(
         stride_wplane, stride_wn = 0, w.stride(0)
     else:
         w, (stride_wplane, stride_wn) = planes, planes.stride()[:2]
-    if m_bucket(m) <= SPLIT_K_MAX_M:  # the split-K tiles' partials and arrival counters
+    rows_bucket = m_bucket(m)
+    if rows_bucket <= SPLIT_K_MAX_M:  # the split-K tiles' partials and arrival counters
         workspace = torch.empty((_MAX_SPLIT_K, m, n), dtype=torch.float32, device=x.device)
         counters = torch.zeros(m * cdiv(n, _MIN_BLOCK_N), dtype=torch.int32, device=x.device)
     else:
@@ -303,7 +304,7 @@ def bipolar_linear_a16(
         stride_wplane,
         stride_wn,
         out.stride(0),
-        m_bucket(m),
+        rows_bucket,
         W_BITS=weight.bits,
         BYTE_ALIGNED=byte_aligned(group_k, k // group_k),
         W_LEVELS=expand_weight,

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from bitscale.kernels import BipolarLinear, bipolar_linear, dequantize, quantize
+from bitscale.kernels import BipolarLinear, bipolar_linear, dequantize, dispatch, quantize
 from bitscale.kernels.reference import pack_weight
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -174,6 +174,41 @@ def test_triton_linear_backward_is_straight_through(a_bits: int) -> None:
     bipolar_linear(x, w, a_bits=a_bits, bias=bias, backend="triton").backward(grad_out)
     assert torch.equal(x.grad, grad_out @ dequantize(w))
     assert torch.equal(bias.grad, grad_out.sum((0, 1)))
+
+
+def test_only_calls_that_need_its_autograd_or_a_graph_go_through_the_op(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Eager inference runs the op's body directly (the dispatcher's host time is more
+    than a decode kernel's); gradients and compiled graphs still go through the op."""
+    op_calls: list[bool] = []
+    op = dispatch._triton_linear_op
+
+    def counting_op(*args: object) -> torch.Tensor:
+        op_calls.append(torch.compiler.is_compiling())
+        return op(*args)
+
+    monkeypatch.setattr(dispatch, "_triton_linear_op", counting_op)
+    generator = torch.Generator().manual_seed(0)
+    packed = pack_weight(quantize(torch.randn(24, 48, generator=generator), 3))
+    bias = torch.randn(24, generator=generator, requires_grad=True)
+    x = torch.randn(5, 48, generator=generator)
+    with torch.no_grad():
+        inference = dispatch.linear_packed(x, packed, bias=bias, backend="triton")
+    assert op_calls == []
+    with_grad = dispatch.linear_packed(x, packed, bias=bias, backend="triton")
+    assert op_calls == [False] and with_grad.requires_grad
+    assert torch.equal(inference, with_grad.detach())
+    with_grad.sum().backward()
+    assert torch.equal(bias.grad, torch.full((24,), 5.0))
+    compiled = torch.compile(
+        lambda rows: dispatch.linear_packed(rows, packed, backend="triton"),
+        fullgraph=True,
+        backend="aot_eager",
+    )
+    with torch.no_grad():
+        assert torch.equal(compiled(x), dispatch.linear_packed(x, packed, backend="triton"))
+    assert op_calls == [False, True]
 
 
 def test_compiling_an_unpacked_eval_layer_stops_with_the_fix() -> None:
