@@ -92,6 +92,25 @@ def _graph_seconds(fn: Callable[[], object]) -> float:
     return triton.testing.do_bench_cudagraph(fn) * 1e-3
 
 
+def _kernel_microseconds(fn: Callable[[], object], calls: int = 20) -> dict[str, float]:
+    """GPU time per call of each kernel ``fn`` launches, in us (torch.profiler): what the
+    activation quantization, plane expansion, GEMM and split-K partials each cost."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return {
+        event.key: event.device_time_total / calls
+        for event in prof.key_averages()
+        if event.device_type == DeviceType.CUDA
+    }
+
+
 def _autotuned_kernels() -> dict[str, object]:
     from bitscale.kernels import triton_a16, triton_bitplane, triton_gemm
 
@@ -172,6 +191,7 @@ def _gpu_compare(
         autotune.setdefault(name, {})["candidates_ms"] = candidates
     benchmark.extra_info.update(
         autotune=autotune,
+        kernel_us=_kernel_microseconds(bitscale),
         graph_seconds=graph_seconds,
         graph_baseline_seconds=graph_baselines,
         graph_ratio_to_baseline={name: s / graph_seconds for name, s in graph_baselines.items()},
