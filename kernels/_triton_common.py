@@ -26,9 +26,17 @@ __all__ = [
     "tile_config",
     "tile_grid",
     "unpack_weight_codes",
+    "zero_arrival_counters",
 ]
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def zero_arrival_counters(named_args: dict) -> None:
+    """The pre-launch hook of split-K tiles: their programs count arrivals per output tile
+    in ``counter_ptr``, which must start at zero. Only those tiles pay for it (a memset
+    per launch, a node in CUDA graphs), and autotune times them with it."""
+    named_args["counter_ptr"].zero_()
 
 
 def tile_config(tile: tuple[int, ...]) -> triton.Config:
@@ -36,9 +44,10 @@ def tile_config(tile: tuple[int, ...]) -> triton.Config:
     tile (SPLIT_K only for kernels that split K, which default it to 1)."""
     block_m, block_n, block_k, warps, stages, *split_k = tile
     meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
-    if split_k:
-        (meta["SPLIT_K"],) = split_k
-    return triton.Config(meta, num_warps=warps, num_stages=stages)
+    if not split_k:
+        return triton.Config(meta, num_warps=warps, num_stages=stages)
+    (meta["SPLIT_K"],) = split_k
+    return triton.Config(meta, num_warps=warps, num_stages=stages, pre_hook=zero_arrival_counters)
 
 
 def autotune_configs(tiles: Iterable[tuple[int, ...]]) -> list[triton.Config]:

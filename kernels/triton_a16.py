@@ -233,7 +233,6 @@ def _bipolar_a16_kernel(
                 result += tl.load(
                     partial_ptrs + split * M * N, mask=out_mask, other=0.0, cache_modifier=".cg"
                 )
-            tl.atomic_xchg(counter_ptr + tile, 0)  # zero again for the next launch or replay
         out_mask = tl.where(last, out_mask, False)  # `&` makes an int32 mask in the interpreter
     if HAS_BIAS:
         result += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -281,9 +280,11 @@ def bipolar_linear_a16(
     else:
         w, (stride_wplane, stride_wn) = planes, planes.stride()[:2]
     rows_bucket = m_bucket(m)
-    if rows_bucket <= SPLIT_K_MAX_M:  # the split-K tiles' partials and arrival counters
+    if rows_bucket <= SPLIT_K_MAX_M:
+        # The split-K tiles' partials and arrival counters; a split tile's pre-launch hook
+        # zeroes the counters, so the other tiles launch without that memset.
         workspace = torch.empty((_MAX_SPLIT_K, m, n), dtype=torch.float32, device=x.device)
-        counters = torch.zeros(m * cdiv(n, _MIN_BLOCK_N), dtype=torch.int32, device=x.device)
+        counters = torch.empty(m * cdiv(n, _MIN_BLOCK_N), dtype=torch.int32, device=x.device)
     else:
         workspace = torch.empty(0, dtype=torch.float32, device=x.device)
         counters = torch.empty(0, dtype=torch.int32, device=x.device)
