@@ -16,6 +16,7 @@ import triton.language as tl
 
 __all__ = [
     "INTERPRETED",
+    "TILE_GROUP_ROWS",
     "autotune_configs",
     "bipolar_levels",
     "byte_aligned",
@@ -25,6 +26,7 @@ __all__ = [
     "store_dtype",
     "tile_config",
     "tile_grid",
+    "tile_of_program",
     "unpack_weight_codes",
     "zero_arrival_counters",
 ]
@@ -93,6 +95,26 @@ def store_dtype(dtype: torch.dtype) -> torch.dtype:
     bf16 cast truncates (GPUs round to nearest even): there the kernel stores float32
     and torch rounds."""
     return torch.float32 if INTERPRETED and dtype == torch.bfloat16 else dtype
+
+
+# Output tiles launch in bands of this many row tiles (tile_of_program).
+TILE_GROUP_ROWS: tl.constexpr = tl.constexpr(8)
+
+
+@triton.jit
+def tile_of_program(GROUP_ROWS: tl.constexpr):
+    """The (row tile, column tile) of this program's output tile, GROUP_ROWS row tiles at
+    a time. Programs launch with program_id(0) fastest; taken as is, a wave of 132 (one
+    per H100 SM) would sweep every row tile of 4-8 column tiles, so at M = 4096 each wave
+    streams all of x again (235 MB of bf16 at K = 28672, past the 50 MB L2). In bands of
+    8 row tiles, a wave reads 8 row tiles of x and ~16 column tiles of the weight. With
+    at most GROUP_ROWS row tiles (M <= 1024 on 128-row tiles) the order is unchanged."""
+    num_m = tl.num_programs(0)
+    pid = tl.program_id(1) * num_m + tl.program_id(0)
+    per_band = GROUP_ROWS * tl.num_programs(1)
+    first_m = (pid // per_band) * GROUP_ROWS
+    rows = tl.minimum(num_m - first_m, GROUP_ROWS)
+    return first_m + (pid % per_band) % rows, (pid % per_band) // rows
 
 
 @triton.jit

@@ -18,6 +18,7 @@ import triton.language as tl
 from bitscale.kernels import triton_expand
 from bitscale.kernels._triton_common import (
     INTERPRETED,
+    TILE_GROUP_ROWS,
     autotune_configs,
     bipolar_levels,
     byte_aligned,
@@ -25,6 +26,7 @@ from bitscale.kernels._triton_common import (
     m_bucket,
     store_dtype,
     tile_grid,
+    tile_of_program,
     unpack_weight_codes,
 )
 from bitscale.kernels.reference import PackedWeight
@@ -122,8 +124,7 @@ def _bipolar_a16_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr = 1,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = tile_of_program(TILE_GROUP_ROWS)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)

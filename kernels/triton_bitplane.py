@@ -24,10 +24,12 @@ import triton
 import triton.language as tl
 from bitscale.kernels._triton_common import (
     INTERPRETED,
+    TILE_GROUP_ROWS,
     autotune_configs,
     expand_bits,
     m_bucket,
     tile_grid,
+    tile_of_program,
 )
 from bitscale.kernels.format import pack_bitplanes
 
@@ -66,8 +68,7 @@ def _bipolar_bitplane_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = tile_of_program(TILE_GROUP_ROWS)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_byte = tl.arange(0, BLOCK_K // 8)

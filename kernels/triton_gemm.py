@@ -25,11 +25,13 @@ import triton.language as tl
 from bitscale.kernels import triton_expand
 from bitscale.kernels._triton_common import (
     INTERPRETED,
+    TILE_GROUP_ROWS,
     autotune_configs,
     byte_aligned,
     m_bucket,
     store_dtype,
     tile_grid,
+    tile_of_program,
     unpack_weight_codes,
 )
 
@@ -94,8 +96,7 @@ def _bipolar_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = tile_of_program(TILE_GROUP_ROWS)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)

@@ -120,6 +120,62 @@ def test_triton_mm_int_random_shapes(
     assert torch.equal(out.cpu(), naive_bipolar_mm(x_codes, w_codes, a_bits, w_bits))
 
 
+@pytest.mark.parametrize("grid", [(1, 5), (8, 3), (10, 3), (17, 2)], ids=str)
+def test_output_tiles_launch_in_bands_of_row_tiles(
+    grid: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tile_of_program: every output tile exactly once; programs in launch order fill
+    bands of TILE_GROUP_ROWS row tiles one after another; with no more row tiles than
+    that, the launch order itself."""
+    import triton
+    import triton.language as tl
+    from bitscale.kernels._triton_common import TILE_GROUP_ROWS, tile_of_program
+
+    # Triton resolves a kernel's names in its module's globals; the kernel modules load
+    # lazily here (with the interpreter set), so they are not imported at the top.
+    monkeypatch.setitem(globals(), "tile_of_program", tile_of_program)
+    monkeypatch.setitem(globals(), "TILE_GROUP_ROWS", TILE_GROUP_ROWS)
+
+    @triton.jit
+    def tiles_kernel(out_ptr):
+        pid_m, pid_n = tile_of_program(TILE_GROUP_ROWS)
+        program = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        tl.store(out_ptr + 2 * program, pid_m)
+        tl.store(out_ptr + 2 * program + 1, pid_n)
+
+    num_m, num_n = grid
+    out = torch.full((num_m * num_n, 2), -1, dtype=torch.int32, device=DEVICE)
+    tiles_kernel[grid](out)
+    tiles = [tuple(tile) for tile in out.cpu().tolist()]
+    assert sorted(tiles) == [(m, n) for m in range(num_m) for n in range(num_n)]
+    band = int(TILE_GROUP_ROWS) * num_n
+    for first in range(0, len(tiles), band):
+        rows = {m for m, _ in tiles[first : first + band]}
+        assert rows == set(range(first // num_n, min(num_m, first // num_n + int(TILE_GROUP_ROWS))))
+    if num_m <= int(TILE_GROUP_ROWS):
+        assert tiles == [(m, n) for n in range(num_n) for m in range(num_m)]
+
+
+def test_triton_kernels_across_bands_of_row_tiles(oracle_mm: Callable) -> None:
+    """M = 150 is 10 row tiles of 16 (the interpreter's tile): two bands, the second
+    partial. Every kernel writes every output tile, where it belongs."""
+    from bitscale.kernels import triton_a16
+
+    x_codes, w_codes = _codes(150, 40, 5, seed=8), _codes(40, 40, 3, seed=9)
+    expected = oracle_mm(x_codes, w_codes, 5, 3)
+    for backend in ("triton", "triton_bitplane"):
+        out = bipolar_mm_int(
+            x_codes.to(DEVICE), w_codes.to(DEVICE), a_bits=5, w_bits=3, backend=backend
+        )
+        assert torch.equal(out.cpu(), expected), backend
+    w = quantize(torch.randn(40, 40, generator=torch.Generator().manual_seed(10)), 3)
+    x = torch.randn(150, 40, generator=torch.Generator().manual_seed(11))
+    out = triton_a16.bipolar_linear_a16(
+        x.to(DEVICE), pack_weight(w.to(DEVICE)), expand_weight=False
+    )
+    torch.testing.assert_close(out.cpu(), x @ dequantize(w).t(), rtol=1e-5, atol=1e-5)
+
+
 def naive_bipolar_mm(
     x_codes: torch.Tensor, w_codes: torch.Tensor, a_bits: int, w_bits: int
 ) -> torch.Tensor:
