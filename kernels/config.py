@@ -125,8 +125,6 @@ class BipolarConfig:
     """Dynamic activation scale selection (the fused Triton quantizer implements absmax)."""
     backend: Backend = Backend.AUTO
     """Which implementation runs the matmul in eval mode."""
-    version: int = 1
-    """Format version of this config."""
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, "w_bits")
@@ -136,3 +134,8 @@ class BipolarConfig:
         object.__setattr__(self, "method", parse_method(self.method))
         object.__setattr__(self, "activation_method", parse_method(self.activation_method))
         object.__setattr__(self, "backend", parse_backend(self.backend))
+        if self.backend is Backend.TRITON_BITPLANE:
+            raise ValueError(
+                "backend 'triton_bitplane' implements bipolar_mm_int only; a BipolarLinear "
+                "runs on 'auto', 'triton' or 'reference'"
+            )

@@ -43,6 +43,7 @@ __all__ = [
     "KernelStatus",
     "bipolar_linear",
     "bipolar_mm_int",
+    "check_linear_inputs",
     "kernel_status",
     "linear_packed",
     "resolve_backend",
@@ -110,8 +111,8 @@ def _triton_unavailable_reason(device: torch.device) -> str | None:
         return None
     if device.type == "cpu":
         return (
-            "the tensors are on the CPU and TRITON_INTERPRET is not 1 (set it before "
-            "importing bitscale.kernels to run the Triton kernels in the interpreter)"
+            "the tensors are on the CPU and TRITON_INTERPRET is not 1 (set it before the "
+            "first kernel call to run the Triton kernels in the interpreter)"
         )
     return f"Triton kernels need CUDA tensors (or CPU ones with TRITON_INTERPRET=1), got {device}"
 
@@ -166,11 +167,14 @@ def bipolar_mm_int(
     chosen = resolve_backend(backend, x_codes.device)
     if chosen is Backend.REFERENCE:
         return bipolar_mm_int_reference(x_codes, w_codes, a_bits=a_bits, w_bits=w_bits)
+    k = x_codes.shape[1]
+    if k == 0:  # an empty sum, as the reference returns: no kernel has a K-tile to run
+        shape = (x_codes.shape[0], w_codes.shape[0])
+        return torch.zeros(shape, dtype=torch.int64, device=x_codes.device)
     if chosen is Backend.TRITON_BITPLANE:
         return _triton_module("triton_bitplane").bipolar_mm_int_bitplane(
             x_codes.contiguous(), w_codes.contiguous(), a_bits=a_bits, w_bits=w_bits
         )
-    k = x_codes.shape[1]
     x_centred = centred_codes(x_codes, a_bits).contiguous()
     w_centred = centred_codes(w_codes, w_bits)
     return _triton_module("triton_gemm").bipolar_gemm(
@@ -185,9 +189,11 @@ def bipolar_mm_int(
     )
 
 
-def _check_linear_inputs(
+def check_linear_inputs(
     x: torch.Tensor, in_features: int, out_features: int, bias: torch.Tensor | None
 ) -> None:
+    """The input checks of a linear with an [out_features, in_features] weight, shared
+    by every backend."""
     if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES:
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
         raise TypeError(f"x must be a float32, bfloat16 or float16 tensor, got {got}")
@@ -230,7 +236,7 @@ def _triton_linear(
             codes, x_scales = _quantize_codes(rows, a_bits, weight.group_size, method)
             x_centred = centred_codes(codes, a_bits)
             x_rowsums = (
-                x_centred.view(rows.shape[0], x_scales.shape[1], -1)
+                x_centred.view(rows.shape[0], x_scales.shape[1], weight.group_k)
                 .sum(-1, dtype=torch.int32)
                 .contiguous()
             )
@@ -301,7 +307,7 @@ def linear_packed(
     """``bipolar_linear`` on a weight already in kernel layout (what BipolarLinear holds)."""
     check_activation_bits(a_bits)
     activation_method = parse_method(activation_method)
-    _check_linear_inputs(x, weight.in_features, weight.out_features, bias)
+    check_linear_inputs(x, weight.in_features, weight.out_features, bias)
     if x.device != weight.planes.device:
         raise ValueError(f"x is on {x.device} but the weight on {weight.planes.device}")
     chosen = resolve_backend(backend, x.device)
@@ -322,9 +328,9 @@ def linear_packed(
             activation_method=activation_method,
             bias=bias,
         )
-    rows = x.reshape(-1, weight.in_features)
-    if not rows.is_contiguous():
-        rows = rows.contiguous()
+    rows = x.reshape(-1, weight.in_features).contiguous()
+    if bias is not None:
+        bias = bias.contiguous()  # the reference takes any strides; the kernels read it flat
     # Eager calls that need no gradient run the op's body directly: the custom op's
     # dispatcher and autograd wrapping were 19 of the 49 us of host time a W4A16 decode
     # call took on 2 CPU cores (kernel launch stubbed out); the H100 kernel takes 16 us.
@@ -370,7 +376,7 @@ def bipolar_linear(
             f"w must be a 2-d [N, K] weight quantized along K (axis=-1), got shape "
             f"{tuple(w.shape)} with axis={w.axis}"
         )
-    _check_linear_inputs(x, w.shape[1], w.shape[0], bias)
+    check_linear_inputs(x, w.shape[1], w.shape[0], bias)
     chosen = resolve_backend(backend, x.device)
     if chosen is Backend.REFERENCE:
         if x.device != w.codes.device:

@@ -35,8 +35,19 @@ __all__ = [
 # best. The best ratio on Gaussian data is ~0.21 at 1 bit and ~0.67 at 4 bits
 # (research note 1.2) and K-groups push it up, so (0, 1] is searched; 31 error
 # evaluations with a 1/128 resolution cost half of a flat 1/64 grid.
-_COARSE_CLIP_RATIOS = tuple(i / 16 for i in range(1, 17))
-_FINE_CLIP_STEPS = tuple(j / 128 for j in range(-7, 8) if j)
+_COARSE_CLIP_COUNT = 16
+_FINE_CLIP_COUNT = 14  # the best coarse ratio, then +-1/128 .. +-7/128 around it
+
+
+def _clip_candidates(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The coarse ratios i/16 and the fine steps j/128 (j != 0), made on ``device``: a
+    copy from host memory would sync the stream, which CUDA-graph capture forbids (the
+    activation quantizer runs inside the kernels' custom op)."""
+    coarse = torch.arange(1, _COARSE_CLIP_COUNT + 1, dtype=torch.float32, device=device) / 16
+    half = _FINE_CLIP_COUNT // 2
+    below = torch.arange(-half, 0, dtype=torch.float32, device=device)
+    steps = torch.cat([below, -below.flip(0)]) / 128
+    return coarse, steps
 
 
 def _levels(bits: int) -> int:
@@ -205,14 +216,14 @@ def _choose_scales(x: torch.Tensor, bits: int, method: QuantMethod) -> torch.Ten
     if method is QuantMethod.ABSMAX:
         return absmax / top
     # Rows are searched in slices of <= 2^18 candidate-elements (1 MiB of
-    # float32 per temporary), so memory stays bounded for any weight while
-    # small tensors (QAT layers) take two broadcast passes instead of 31.
+    # float32 per temporary; one row at a time past 2^14 elements a row), so memory
+    # stays bounded for any weight while small tensors (QAT layers) take two
+    # broadcast passes instead of 31.
     rows_x = x.reshape(-1, x.shape[-1])
     rows_absmax = absmax.reshape(-1, 1)
-    count = max(len(_COARSE_CLIP_RATIOS), len(_FINE_CLIP_STEPS) + 1)
+    count = max(_COARSE_CLIP_COUNT, _FINE_CLIP_COUNT + 1)
     step = max(1, (1 << 18) // (count * max(1, x.shape[-1])))
-    coarse = torch.tensor(_COARSE_CLIP_RATIOS, device=x.device).view(-1, 1, 1)
-    steps = torch.tensor(_FINE_CLIP_STEPS, device=x.device).view(-1, 1, 1)
+    coarse, steps = (candidates.view(-1, 1, 1) for candidates in _clip_candidates(x.device))
     ratios = []
     for start in range(0, rows_x.shape[0], step):
         part_x = rows_x[start : start + step]
@@ -252,8 +263,12 @@ def quantize(
     group_size = check_group_size(group_size, x.shape[axis])
     if x.shape[axis] == 0:
         raise ValueError("quantize needs a non-empty axis to compute scales over")
+    x = x.detach().to(torch.float32)  # what the scales are computed in
     if not torch.isfinite(x).all():
-        raise ValueError("x contains NaN or Inf; quantize needs finite values")
+        raise ValueError(
+            "x contains NaN or Inf (or values past float32's range, 3.4e38); quantize "
+            "needs finite values"
+        )
     codes, scales = _grouped_codes(x, bits, axis, group_size, method)
     return BipolarTensor(
         codes=_ungrouped(codes, axis).contiguous(),

@@ -28,7 +28,7 @@ from bitscale.kernels.config import (
     QuantMethod,
     check_group_size,
 )
-from bitscale.kernels.dispatch import linear_packed, resolve_backend
+from bitscale.kernels.dispatch import check_linear_inputs, linear_packed, resolve_backend
 from bitscale.kernels.format import fake_quantize, quantize
 from bitscale.kernels.reference import (
     PackedWeight,
@@ -217,6 +217,7 @@ class BipolarLinear(nn.Module):
     def _eval_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         config = self.config
         if resolve_backend(config.backend, x.device) is Backend.REFERENCE:
+            check_linear_inputs(x, self.in_features, self.out_features, bias)
             return dequantized_linear(
                 x.detach(),
                 self._reference_weight(),

@@ -126,6 +126,7 @@ def _bipolar_a16_kernel(
 ):
     pid_m, pid_n = tile_of_program(TILE_GROUP_ROWS)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m.to(tl.int64)  # row offsets: M * K and M * N pass 2^31 in long prefills
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
@@ -192,14 +193,14 @@ def _bipolar_a16_kernel(
                 # reduced once per group, instead of an MMA over 15 padding rows. Unmeasured:
                 # autotune weighs it against the 16-row tiles at M = 1.
                 x_K1 = tl.load(
-                    x_ptr + offs_m[None, :] * stride_xm + k[:, None],
+                    x_ptr + rows[None, :] * stride_xm + k[:, None],
                     mask=m_mask[None, :] & in_group[:, None],
                     other=0.0,
                 )
                 partial_KN += x_K1.to(tl.float32) * level_KN.to(tl.float32)
             else:
                 x_MK = tl.load(
-                    x_ptr + offs_m[:, None] * stride_xm + k[None, :],
+                    x_ptr + rows[:, None] * stride_xm + k[None, :],
                     mask=m_mask[:, None] & in_group[None, :],
                     other=0.0,
                 )
@@ -237,7 +238,7 @@ def _bipolar_a16_kernel(
         out_mask = tl.where(last, out_mask, False)  # `&` makes an int32 mask in the interpreter
     if HAS_BIAS:
         result += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 

@@ -70,6 +70,7 @@ def _bipolar_bitplane_kernel(
 ):
     pid_m, pid_n = tile_of_program(TILE_GROUP_ROWS)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m.to(tl.int64)  # row offsets: M * K and M * N pass 2^31 in long prefills
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_byte = tl.arange(0, BLOCK_K // 8)
     m_mask = offs_m < M
@@ -84,7 +85,7 @@ def _bipolar_bitplane_kernel(
                 byte = k0 // 8 + offs_byte
                 byte_mask = byte * 8 < K
                 x_byte_MB = tl.load(
-                    x_ptr + i * stride_xplane + offs_m[:, None] * stride_xm + byte[None, :],
+                    x_ptr + i * stride_xplane + rows[:, None] * stride_xm + byte[None, :],
                     mask=m_mask[:, None] & byte_mask[None, :],
                     other=0,
                 )
@@ -102,7 +103,7 @@ def _bipolar_bitplane_kernel(
                 plane_product = tl.dot(b_MK, c_KN, plane_product, out_dtype=tl.int32)
             recovered = 4 * plane_product - 2 * x_popc[:, None] - 2 * w_popc[None, :] + K
             result += recovered.to(tl.int64) << (i + j)
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, result, mask=m_mask[:, None] & n_mask[None, :])
 
 

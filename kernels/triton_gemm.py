@@ -98,6 +98,7 @@ def _bipolar_gemm_kernel(
 ):
     pid_m, pid_n = tile_of_program(TILE_GROUP_ROWS)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m.to(tl.int64)  # row offsets: M * K and M * N pass 2^31 in long prefills
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
@@ -113,7 +114,7 @@ def _bipolar_gemm_kernel(
             in_group = (kk + offs_k) < GROUP_K
             k = g * GROUP_K + kk + offs_k
             x_SK = tl.load(
-                x_ptr + offs_m[:, None] * stride_xm + k[None, :],
+                x_ptr + rows[:, None] * stride_xm + k[None, :],
                 mask=m_mask[:, None] & in_group[None, :],
                 other=0,
             )
@@ -164,7 +165,7 @@ def _bipolar_gemm_kernel(
             result += y.to(tl.float32) * (x_scale[:, None] * w_scale[None, :])
     if HAS_BIAS:
         result += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -291,7 +292,7 @@ def _quantize_activations_kernel(
 ):
     # One program per (token, K-group): absmax pass, then a code + row-sum pass,
     # so dynamic activation quantization is one launch, not four torch ops.
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * K passes 2^31 in long prefills
     group = tl.program_id(1)
     offs = tl.arange(0, BLOCK)
     start = row * stride_xm + group * GROUP_K

@@ -7,6 +7,7 @@ import torch
 from bitscale.kernels import (
     Backend,
     BipolarConfig,
+    QuantMethod,
     bipolar_linear,
     bipolar_mm_int,
     dequantize,
@@ -121,7 +122,9 @@ def test_bitplane_backend_is_for_mm_int_only(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_config_validation() -> None:
     config = BipolarConfig(w_bits=4, a_bits=8, group_size=64, method="absmax", backend="reference")
-    assert config.backend is Backend.REFERENCE and config.version == 1
+    assert config.backend is Backend.REFERENCE and config.method is QuantMethod.ABSMAX
+    with pytest.raises(ValueError, match="implements bipolar_mm_int only"):
+        BipolarConfig(w_bits=4, backend="triton_bitplane")
     with pytest.raises(ValueError, match=r"w_bits must be an int in 1\.\.8"):
         BipolarConfig(w_bits=16)
     with pytest.raises(ValueError, match=r"a_bits must be an int in 1\.\.8, or 16"):

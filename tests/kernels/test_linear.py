@@ -154,6 +154,16 @@ def test_quantize_model_validation() -> None:
         quantize_model(model, w_bits=4, a_bits=32)
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_eval_forward_validates_inputs_on_every_backend(backend: str) -> None:
+    layer = BipolarLinear(16, 8, w_bits=3, backend=backend).eval()
+    with torch.no_grad():
+        with pytest.raises(TypeError, match="x must be a float32, bfloat16 or float16"):
+            layer(torch.ones(2, 16, dtype=torch.int64))
+        with pytest.raises(ValueError, match="K mismatch"):
+            layer(torch.randn(2, 15))
+
+
 def _train_regression(model: nn.Module, steps: int) -> float:
     generator = torch.Generator().manual_seed(0)
     teacher = torch.randn(16, 4, generator=generator)
@@ -186,8 +196,9 @@ def test_w4a8_training_gets_near_the_float_loss(record_property: pytest.RecordPr
     quantized = quantize_model(_mlp(), w_bits=4, a_bits=8, backend="reference")
     quantized_loss = _train_regression(quantized, steps=steps)
     record_property("losses", {"initial": initial, "fp32": float_loss, "w4a8": quantized_loss})
-    # Stated margin: the W4A8 model (evaluated through the packed eval path)
-    # ends within 1.5x + 0.01 of the fp32 loss, both far below the initial loss.
+    # Stated margin: the W4A8 model (evaluated in eval mode on the exact reference:
+    # quantized weights and activations) ends within 1.5x + 0.01 of the fp32 loss,
+    # both far below the initial loss.
     assert float_loss < initial / 5
     assert quantized_loss < float_loss * 1.5 + 0.01, (initial, float_loss, quantized_loss)
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from bitscale.kernels import Backend, bipolar_mm_int
-from bitscale.kernels.reference import bipolar_mm_int_reference
+from bitscale.kernels.reference import _fp32_matmul_is_exact, bipolar_mm_int_reference
 
 WIDTH_PAIRS = list(itertools.product(range(1, 9), repeat=2))
 
@@ -63,6 +63,8 @@ def test_reference_exact_with_reduced_float32_precision(
     previous = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("medium")
+        # This CPU may still multiply float32 exactly; what must hold is the choice.
+        assert not _fp32_matmul_is_exact(torch.device("cpu"))
         out = bipolar_mm_int_reference(x_codes, w_codes, a_bits=8, w_bits=8)
     finally:
         torch.set_float32_matmul_precision(previous)

@@ -156,7 +156,9 @@ def test_output_tiles_launch_in_bands_of_row_tiles(
         assert tiles == [(m, n) for n in range(num_n) for m in range(num_m)]
 
 
-def test_triton_kernels_across_bands_of_row_tiles(oracle_mm: Callable) -> None:
+def test_triton_kernels_across_bands_of_row_tiles(
+    oracle_mm: Callable, fp32_error_bound: Callable
+) -> None:
     """M = 150 is 10 row tiles of 16 (the interpreter's tile): two bands, the second
     partial. Every kernel writes every output tile, where it belongs."""
     from bitscale.kernels import triton_a16
@@ -173,7 +175,9 @@ def test_triton_kernels_across_bands_of_row_tiles(oracle_mm: Callable) -> None:
     out = triton_a16.bipolar_linear_a16(
         x.to(DEVICE), pack_weight(w.to(DEVICE)), expand_weight=False
     )
-    torch.testing.assert_close(out.cpu(), x @ dequantize(w).t(), rtol=1e-5, atol=1e-5)
+    w_dequantized = dequantize(w)
+    error = (out.cpu().double() - _oracle_linear(x, w_dequantized, None)).abs()
+    assert (error <= fp32_error_bound(x, w_dequantized)).all()
 
 
 def naive_bipolar_mm(
@@ -477,11 +481,42 @@ def test_launchers_expand_from_expand_min_m(monkeypatch: pytest.MonkeyPatch) -> 
             assert len(calls) == expanded, (m, a_bits)
 
 
-def test_triton_empty_batch() -> None:
-    w = quantize(torch.randn(5, 32), 2)
-    for a_bits in (16, 4):
-        out = bipolar_linear(torch.randn(0, 32, device=DEVICE), w.to(DEVICE), a_bits=a_bits)
-        assert out.shape == (0, 5)
+@pytest.mark.parametrize(
+    ("a_bits", "method"), [(16, "absmax"), (4, "absmax"), (4, "meanabs"), (4, "mse")]
+)
+def test_triton_empty_batch(a_bits: int, method: str) -> None:
+    w = quantize(torch.randn(5, 32), 2, group_size=16).to(DEVICE)
+    out = bipolar_linear(
+        torch.randn(0, 32, device=DEVICE),
+        w,
+        a_bits=a_bits,
+        activation_method=method,
+        backend="triton",
+    )
+    assert out.shape == (0, 5) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["triton", "triton_bitplane"])
+@pytest.mark.parametrize(("m", "n", "k"), [(0, 5, 24), (4, 0, 24), (4, 5, 0)], ids=str)
+def test_triton_mm_int_empty_shapes(backend: str, m: int, n: int, k: int) -> None:
+    x_codes, w_codes = _codes(m, k, 3, seed=1), _codes(n, k, 2, seed=2)
+    out = bipolar_mm_int(
+        x_codes.to(DEVICE), w_codes.to(DEVICE), a_bits=3, w_bits=2, backend=backend
+    )
+    assert out.dtype == torch.int64
+    assert torch.equal(out.cpu(), bipolar_mm_int_reference(x_codes, w_codes, a_bits=3, w_bits=2))
+
+
+def test_triton_linear_takes_a_strided_bias() -> None:
+    """Any bias strides, as the reference takes: the same output as a contiguous copy."""
+    generator = torch.Generator().manual_seed(4)
+    w = quantize(torch.randn(6, 32, generator=generator), 3).to(DEVICE)
+    bias = torch.randn(6, 2, generator=generator)[:, 0].to(DEVICE)  # stride 2
+    x = torch.randn(3, 32, generator=generator).to(DEVICE)
+    for a_bits in (16, 8):
+        out = bipolar_linear(x, w, a_bits=a_bits, bias=bias, backend="triton")
+        expected = bipolar_linear(x, w, a_bits=a_bits, bias=bias.contiguous(), backend="triton")
+        assert torch.equal(out, expected), a_bits
 
 
 # ---------------------------------------------------------------- compiled, on a GPU
@@ -585,6 +620,28 @@ def test_gpu_every_tile(
             )
             error = (out.cpu().double() - expected).abs()
             assert (error <= bound).all(), (expand_weight, (error - bound).max())
+
+
+@pytest.mark.gpu
+def test_gpu_long_prefill_passes_int32_offsets(fp32_error_bound: Callable) -> None:
+    """M * K past 2^31 (65537 tokens at K = 32768): x's rows and the output's past it
+    are addressed with int64 offsets; only the last 3 rows are nonzero."""
+    m, k = 65537, 32768
+    generator = torch.Generator().manual_seed(8)
+    tail = torch.randn(3, k, generator=generator).to(torch.bfloat16)
+    w = quantize(torch.randn(16, k, generator=generator), 2)
+    x = torch.zeros(m, k, dtype=torch.bfloat16, device="cuda")
+    x[-3:] = tail.cuda()
+    for a_bits in (16, 8):
+        out = bipolar_linear(x, w.cuda(), a_bits=a_bits, backend="triton")
+        assert not out[:-3].any(), a_bits
+        x_used = tail.float()
+        if a_bits != 16:
+            x_used = dequantize(quantize(x_used, a_bits, method="absmax"))
+        w_dequantized = dequantize(w)
+        expected = _oracle_linear(x_used, w_dequantized, None)
+        bound = fp32_error_bound(x_used, w_dequantized) + expected.abs() * 2.0**-8
+        assert ((out[-3:].cpu().double() - expected).abs() <= bound).all(), a_bits
 
 
 @pytest.mark.gpu
