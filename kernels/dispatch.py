@@ -331,13 +331,20 @@ def linear_packed(
     rows = x.reshape(-1, weight.in_features).contiguous()
     if bias is not None:
         bias = bias.contiguous()  # the reference takes any strides; the kernels read it flat
-    # Eager calls that need no gradient run the op's body directly: the custom op's
+    # Plain eager calls that need no gradient run the op's body directly: the custom op's
     # dispatcher and autograd wrapping were 19 of the 49 us of host time a W4A16 decode
     # call took on 2 CPU cores (kernel launch stubbed out); the H100 kernel takes 16 us.
+    # Gradients, graphs, tensor subclasses (FakeTensor, DTensor) and dispatch modes
+    # (FakeTensorMode, FlopCounterMode) need the op.
     needs_grad = torch.is_grad_enabled() and (
         rows.requires_grad or (bias is not None and bias.requires_grad)
     )
-    run = _triton_linear_op if needs_grad or torch.compiler.is_compiling() else _triton_linear
+    plain_eager = (
+        type(rows) is torch.Tensor
+        and not torch.compiler.is_compiling()
+        and not torch._C._len_torch_dispatch_stack()
+    )
+    run = _triton_linear if plain_eager and not needs_grad else _triton_linear_op
     out = run(
         rows,
         weight.planes,

@@ -17,6 +17,7 @@ from bitscale.kernels import BipolarLinear, bipolar_linear, dequantize, dispatch
 from bitscale.kernels.reference import pack_weight
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @pytest.fixture(autouse=True)
@@ -180,7 +181,8 @@ def test_only_calls_that_need_its_autograd_or_a_graph_go_through_the_op(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Eager inference runs the op's body directly (the dispatcher's host time is more
-    than a decode kernel's); gradients and compiled graphs still go through the op."""
+    than a decode kernel's); gradients, compiled graphs and dispatch modes still go
+    through the op."""
     op_calls: list[bool] = []
     op = dispatch._triton_linear_op
 
@@ -207,8 +209,22 @@ def test_only_calls_that_need_its_autograd_or_a_graph_go_through_the_op(
         backend="aot_eager",
     )
     with torch.no_grad():
-        assert torch.equal(compiled(x), dispatch.linear_packed(x, packed, backend="triton"))
+        no_bias = dispatch.linear_packed(x, packed, backend="triton")
+        assert torch.equal(compiled(x), no_bias)
     assert op_calls == [False, True]
+
+    class OpNames(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), OpNames() as mode:  # a dispatch mode sees the op, not its insides
+        assert torch.equal(dispatch.linear_packed(x, packed, backend="triton"), no_bias)
+    assert "bitscale.triton_linear_packed.default" in mode.names
 
 
 def test_compiling_an_unpacked_eval_layer_stops_with_the_fix() -> None:
