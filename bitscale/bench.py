@@ -589,6 +589,9 @@ def _row(key: tuple, pairs: Sequence[tuple[_Measurement, _Measurement | None]]) 
             limit_ratios.append(float(m.extra["ratio_to_limit"]))
     x = first.extra.get("x")
     notes = [str(first.extra["note"])] if first.extra.get("note") else []
+    graph = _graph_note([m.extra for m, _ in pairs], baseline)
+    if graph:
+        notes.insert(0, graph)
     partner = pairs[0][1]
     if partner is not None and partner.extra.get("note"):
         notes.append(f"{partner.provider}: {partner.extra['note']}")
@@ -617,6 +620,27 @@ def _row(key: tuple, pairs: Sequence[tuple[_Measurement, _Measurement | None]]) 
         note="; ".join(notes),
         extra=first.extra,
     )
+
+
+def _graph_note(extras: Sequence[Mapping[str, Any]], baseline: str | None) -> str | None:
+    """Kernel-only times (CUDA-graph replays, ``graph_seconds`` and
+    ``graph_baseline_seconds``) recorded beside the eager medians of GPU kernel cases:
+    medians over runs, and the median of the per-run ratios. None without them."""
+    ours, theirs, ratios = [], [], []
+    for extra in extras:
+        if "graph_seconds" not in extra:
+            continue
+        ours.append(float(extra["graph_seconds"]))
+        baseline_s = (extra.get("graph_baseline_seconds") or {}).get(baseline)
+        if baseline_s is not None:
+            theirs.append(float(baseline_s))
+            ratios.append(float(baseline_s) / ours[-1])
+    if not ours:
+        return None
+    text = f"CUDA graph: {_format_value(_median(ours), 's')}"
+    if ratios:
+        text += f" vs {_format_value(_median(theirs), 's')} ({_format_ratio(_median(ratios))})"
+    return text
 
 
 def _not_run(documents: Iterable[Mapping[str, Any]]) -> list[tuple[str, str, str, str]]:

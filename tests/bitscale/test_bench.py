@@ -182,6 +182,29 @@ def test_recorded_ratios_and_untimed_metrics() -> None:
     assert rows["test_lonely"].ratio is None and rows["test_lonely"].provider == "raw write"
 
 
+def test_gpu_cases_show_their_cuda_graph_times() -> None:
+    """Eager medians of GPU kernels include the host's launch path; the kernel-only
+    CUDA-graph times they record go into the row's note (medians over runs)."""
+    runs = [
+        [
+            _bench(
+                "test_gpu_mm",
+                100e-6,
+                {
+                    "baseline": "torch.matmul bf16",
+                    "graph_seconds": graph_s,
+                    "graph_baseline_seconds": {"torch.matmul bf16": baseline_s, "other": 1.0},
+                },
+            )
+        ]
+        for graph_s, baseline_s in ((10e-6, 11e-6), (12e-6, 12e-6), (20e-6, 30e-6))
+    ]
+    (row,) = build_rows([_document("nvidia-h100", runs)])
+    assert row.note == "CUDA graph: 12 µs vs 12 µs (1.10x)"
+    (plain,) = build_rows([_document("cpu-2core", [[_bench("test_cpu", 1.0, {})]])])
+    assert plain.note == ""
+
+
 def _fake_repo(root: Path) -> Path:
     (root / "bench" / "results").mkdir(parents=True)
     (root / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text())
