@@ -66,10 +66,17 @@ class Corpus:
     ) -> None:
         if not lengths:
             raise ValueError(f"the {source} corpus {name!r} holds no documents")
-        if source is DataSource.LENGTHS:
-            assert paths is None
-        else:
-            assert paths is not None and len(paths) == len(lengths)
+        if source is DataSource.LENGTHS and paths is not None:
+            raise ValueError(
+                f"the {source} corpus {name!r} generates its documents: pass paths=None "
+                f"(got {len(paths)} paths)"
+            )
+        if source is not DataSource.LENGTHS and (paths is None or len(paths) != len(lengths)):
+            got = "no paths" if paths is None else f"{len(paths)} paths"
+            raise ValueError(
+                f"the {source} corpus {name!r} reads its documents from files: pass one path "
+                f"per length (got {got} for {len(lengths)} lengths)"
+            )
         self.source = source
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.paths = list(paths) if paths is not None else None

@@ -255,16 +255,25 @@ class LazyCheckpointEngine(CheckpointEngine):
         try:
             writer.write(memoryview(job.header))
             for entry in job.tensors:
-                source = entry.tensor if entry.tensor.is_contiguous() else entry.tensor.contiguous()
+                source = entry.tensor
+                if source.is_cuda:
+                    assert self._copy_stream is not None
+                    self._copy_stream.wait_event(job.ready)
+                    if not source.is_contiguous():
+                        # On the copy stream, after the save point: that one stream then
+                        # orders the host copies after this kernel, and the temporary's
+                        # memory is reused only by later work on that stream.
+                        with torch.cuda.stream(self._copy_stream):
+                            source = source.contiguous()
+                elif not source.is_contiguous():
+                    source = source.contiguous()
                 flat = byte_view(source)
                 for start in range(0, flat.numel(), piece_bytes):
                     stop = min(start + piece_bytes, flat.numel())
                     slot = pool.allocate(stop - start)
                     try:
                         if source.is_cuda:
-                            assert self._copy_stream is not None
                             with torch.cuda.stream(self._copy_stream):
-                                self._copy_stream.wait_event(job.ready)
                                 slot.buffer.copy_(flat[start:stop], non_blocking=True)
                             self._copy_stream.synchronize()
                         else:

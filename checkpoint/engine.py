@@ -39,7 +39,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -393,6 +393,9 @@ class Checkpointer:
             a CI core, so several threads keep hashing from setting the flush rate.
         read_buffer_bytes: the staging buffer of a sharded load: besides the tensors
             it fills, a rank holds at most this many bytes of read data.
+        timeout: how long a collective of the commit group waits for the other ranks
+            before it fails (and the save with it). A commit waits until the slowest
+            rank has written its files, so allow for the largest save.
         storage: file operations (tests inject failures here).
 
     ``save``, ``wait``, ``load`` and ``close`` are collective over the group when
@@ -411,6 +414,7 @@ class Checkpointer:
         process_group: Any = None,
         writer_threads: int = 4,
         read_buffer_bytes: int = 64 << 20,
+        timeout: timedelta = timedelta(minutes=30),
         storage: Storage | None = None,
     ) -> None:
         # bool is an int subclass: keep=True would silently mean keep=1.
@@ -424,6 +428,11 @@ class Checkpointer:
             or writer_threads < 1
         ):
             raise ValueError(f"writer_threads must be an int >= 1, got {writer_threads!r}")
+        if not isinstance(timeout, timedelta) or timeout <= timedelta(0):
+            raise ValueError(
+                f"timeout must be a positive datetime.timedelta, got {timeout!r}; e.g. "
+                "timeout=timedelta(minutes=30)"
+            )
         try:
             self.verify_mode = VerifyMode(verify)
         except ValueError:
@@ -435,7 +444,7 @@ class Checkpointer:
         self._host_buffer_bytes = host_buffer_bytes
         self._num_writers = writer_threads
         self._read_buffer_bytes = read_buffer_bytes
-        self._group, self.rank, self.world_size = self._make_group(process_group)
+        self._group, self.rank, self.world_size = self._make_group(process_group, timeout)
 
         if self.rank == 0:
             self._storage.makedirs(self.root)
@@ -474,7 +483,7 @@ class Checkpointer:
     # ------------------------------------------------------------------ group
 
     @staticmethod
-    def _make_group(process_group: Any) -> tuple[Any, int, int]:
+    def _make_group(process_group: Any, timeout: timedelta) -> tuple[Any, int, int]:
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
@@ -487,7 +496,7 @@ class Checkpointer:
         # never interleave with (and deadlock against) training collectives. Made even
         # for a one-rank group, as new_group must be called alike by every rank.
         ranks = dist.get_process_group_ranks(group)
-        commit_group = dist.new_group(ranks=ranks, backend="gloo")
+        commit_group = dist.new_group(ranks=ranks, backend="gloo", timeout=timeout)
         if world == 1:
             return None, 0, 1
         return commit_group, rank, world
@@ -538,7 +547,8 @@ class Checkpointer:
         Collective: every rank of the group calls it for the same steps. A rank that
         cannot start the save raises here and the other ranks get the failure from
         their next ``save``/``wait``/hook call. Raises the error of an earlier failed
-        save, if any.
+        save, if any, and ``ValueError`` for a step below one already committed under
+        ``root`` or being saved (saving the same step again replaces it).
         """
         self._check_open()
         try:
@@ -547,6 +557,7 @@ class Checkpointer:
                 raise ValueError(f"step must be a non-negative int, got {step!r}")
             if not isinstance(state, Mapping) or not state:
                 raise ValueError("state must be a non-empty mapping of names to objects")
+            self._check_no_later_steps(step)
             job = self._plan(step, state)
         except BaseException as error:
             # Every save is one commit round on every rank of the group: a rank that
@@ -557,6 +568,22 @@ class Checkpointer:
         with self._lock:
             self._inflight.append(job)
         self._stage_queue.put(job)
+
+    def _check_no_later_steps(self, step: int) -> None:
+        """Refuse a step below one already committed or being saved: resuming loads the
+        highest step and retention keeps the highest ones, so this run's steps would be
+        ignored and then deleted. The same step again is fine (a step rewritten after a
+        fallback to an older one)."""
+        with self._lock:
+            saving = {job.step for job in self._inflight if not job.failed}
+        later = sorted({s for s in (*list_steps(self.root), *saving) if s > step})
+        if later:
+            raise ValueError(
+                f"cannot save step {step} under {self.root}: it already holds later steps "
+                f"{later} (committed or being saved), which resuming would load instead and "
+                "for which retention would delete this one. This folder holds a later run's "
+                "steps: move or delete them, or save this run to another folder"
+            )
 
     def _next_tmp_dir(self, step: int) -> Path:
         self._save_count += 1
@@ -698,7 +725,16 @@ class Checkpointer:
             try:
                 if job.failed:
                     continue
-                source = item.source if item.source.is_contiguous() else item.source.contiguous()
+                source = item.source
+                if not source.is_contiguous():
+                    if source.is_cuda:
+                        # On the copy stream, which waited for the save point: that one
+                        # stream then orders the host copies after this kernel, and the
+                        # temporary's memory is reused only by later work on that stream.
+                        with torch.cuda.stream(self._copy_stream):
+                            source = source.contiguous()
+                    else:
+                        source = source.contiguous()
                 flat = byte_view(source)
                 for start in range(0, item.nbytes, piece_bytes):
                     stop = min(start + piece_bytes, item.nbytes)

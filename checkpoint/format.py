@@ -570,7 +570,7 @@ def skeleton_tensor_names(skeleton: Any) -> Iterator[str]:
 
 
 def read_manifest(step_dir: str | Path) -> Manifest:
-    """Parse ``<step_dir>/manifest.json`` (no size or hash checks: see ``storage.verify_step``)."""
+    """Parse ``<step_dir>/manifest.json`` (no size or hash checks: see ``storage.verify``)."""
     path = Path(step_dir) / MANIFEST_NAME
     return Manifest.from_bytes(path.read_bytes())
 

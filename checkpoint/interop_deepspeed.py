@@ -422,9 +422,27 @@ def deepspeed_zero_state(
     """This rank's fp32 weights and Adam moments of a live ZeRO-1/2/3 ``engine``, each an
     annotated flat fragment, as ``(state, kinds)`` for ``save_sharded(..., kinds=kinds)``:
     every rank writes only its fragments, and the result loads into a plain torch model
-    and optimizer (``Checkpointer.load`` / ``load_sharded``) at any world size."""
+    and optimizer (``Checkpointer.load`` / ``load_sharded``) at any world size.
+
+    The optimizer is saved as one parameter group, so parameter groups must share their
+    hyperparameters (``ValueError`` otherwise)."""
     from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
+    groups = engine.optimizer.optimizer.param_groups
+    hyper = {k: v for k, v in groups[0].items() if k != "params"}
+    differing = []
+    for index, group in enumerate(groups[1:], 1):
+        keys = sorted((set(group) | set(hyper)) - {"params"})
+        changed = [k for k in keys if group.get(k) != hyper.get(k)]
+        if changed:
+            differing.append(f"group {index}: {', '.join(changed)}")
+    if differing:
+        raise ValueError(
+            f"the engine's optimizer has {len(groups)} parameter groups whose hyperparameters "
+            f"differ from group 0's ({'; '.join(differing)}), and deepspeed_zero_state saves "
+            "the optimizer as one group; save with engine.save_checkpoint() and import the "
+            "folder with import_deepspeed (bitscale ckpt from-deepspeed), which keeps each group"
+        )
     stage = engine.zero_optimization_stage()
     weights: dict[str, torch.Tensor] = {}
     optimizer_state: dict[str, Any] = {}
@@ -452,8 +470,6 @@ def deepspeed_zero_state(
         step = _optimizer_step(engine.optimizer, param)
         if step is not None:
             optimizer_state[name]["step"] = step
-    groups = engine.optimizer.optimizer.param_groups
-    hyper = {k: v for k, v in groups[0].items() if k != "params"}
     state = {
         model_entry: weights,
         optimizer_entry: {"state": optimizer_state, "param_groups": [{**hyper, "params": names}]},

@@ -616,7 +616,9 @@ class StepWriter:
     file is written and fsynced before the next one starts, so memory stays bounded by
     one file however large the checkpoint. :meth:`commit` writes the manifest and
     publishes the step atomically; leaving the context without ``commit`` (an error)
-    removes everything written.
+    removes everything written. Raises ``ValueError`` when ``root`` already holds
+    ``step`` or a later committed step, before writing anything: a committed step is
+    never replaced, and one below the newest would be ignored on resume.
     """
 
     def __init__(
@@ -632,6 +634,15 @@ class StepWriter:
         from bitscale.checkpoint import storage
 
         self.root = Path(root)
+        committed = storage.list_steps(self.root)
+        held = [s for s in committed if s >= step]
+        if held:
+            raise ValueError(
+                f"cannot write step {step} under {self.root}: it already holds committed steps "
+                f"{held}; a committed step is never replaced, and resuming would load the newest "
+                f"instead of this one. Pass a step above {committed[-1]} (--step N for "
+                "bitscale ckpt from-dcp/from-deepspeed) or write to another folder"
+            )
         self.step = step
         self.rank = rank
         self.file_bytes = file_bytes
@@ -1111,7 +1122,8 @@ def _restore_values(
     tensors: Mapping[str, torch.Tensor],
 ) -> None:
     """Restore what is not a tensor: optimizer hyperparameters and non-tensor per-parameter
-    states, and plain values (replaced in ``state``). Tensors were filled in place."""
+    states, stateful objects (LR schedulers: ``load_state_dict``), and plain values
+    (replaced in ``state``). Tensors were filled in place."""
     from bitscale.checkpoint.format import EntryKind, decode_skeleton
 
     kind = EntryKind(saved["kind"])
@@ -1132,6 +1144,8 @@ def _restore_values(
                 for key, value in saved_state.items():
                     if not isinstance(value, torch.Tensor):
                         target.state[param][key] = value
+    elif kind is EntryKind.STATEFUL:
+        target.load_state_dict(values)
     elif kind is EntryKind.OBJECT and isinstance(state, dict):
         state[entry] = values
 

@@ -333,11 +333,15 @@ def commit_step(root: Path, tmp_dir: Path, step: int, token: str, storage: Stora
     rewritten after a fallback) is moved aside first and deleted afterwards.
     """
     final = root / step_dir_name(step)
+    replaced = None
     if final.exists():
-        storage.rename(final, root / f"{TMP_PREFIX}replaced-{final.name}-{token}")
+        replaced = root / f"{TMP_PREFIX}replaced-{final.name}-{token}"
+        storage.rename(final, replaced)
     storage.rename(tmp_dir, final)
     newest = max(step, latest_step(root) or step)
     storage.write_atomic(root / LATEST_NAME, (step_dir_name(newest) + "\n").encode(), token)
+    if replaced is not None:
+        storage.remove_tree(replaced)
 
 
 def apply_retention(root: Path, keep: int, token: str, storage: Storage) -> list[int]:

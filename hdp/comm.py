@@ -22,7 +22,14 @@ from enum import Enum
 import torch
 import torch.distributed as dist
 
-__all__ = ["CommCategory", "CommCounter", "RingChannel", "RingExchange", "ring_tag"]
+__all__ = [
+    "CommCategory",
+    "CommCounter",
+    "RingChannel",
+    "RingExchange",
+    "check_ring_position",
+    "ring_tag",
+]
 
 
 class CommCategory(str, Enum):
@@ -75,6 +82,23 @@ def ring_tag(item_id: int, channel: RingChannel) -> int:
     return item_id * _CHANNELS + int(channel)
 
 
+def check_ring_position(ranks: Sequence[int], position: int) -> None:
+    """Raise ``ValueError`` unless this process is ``ranks[position]`` of a ring of at least
+    2 ranks (global ranks in ring order)."""
+    if len(ranks) < 2 or not 0 <= position < len(ranks):
+        raise ValueError(
+            f"a ring needs at least 2 ranks and a position indexing them, got ranks "
+            f"{list(ranks)} and position {position}"
+        )
+    rank = dist.get_rank()
+    if ranks[position] != rank:
+        where = f"{list(ranks).index(rank)}" if rank in ranks else "none: ranks lacks it"
+        raise ValueError(
+            f"ranks[{position}] is {ranks[position]} but this process is rank {rank}: position "
+            f"must be this rank's index in ranks {list(ranks)} ({where})"
+        )
+
+
 class RingExchange:
     """One ring step: send a block to the next rank of the ring and receive the previous
     rank's block of the same shape, without blocking until :meth:`wait`.
@@ -91,7 +115,7 @@ class RingExchange:
         counter: CommCounter | None,
         send: torch.Tensor,
     ) -> None:
-        assert len(ranks) >= 2 and ranks[position] == dist.get_rank()
+        check_ring_position(ranks, position)
         send = send.contiguous()
         self._recv = torch.empty_like(send)
         ring_size = len(ranks)

@@ -35,7 +35,14 @@ from itertools import pairwise
 import torch
 import torch.nn.functional as F
 
-from .comm import CommCategory, CommCounter, RingChannel, RingExchange, ring_tag
+from .comm import (
+    CommCategory,
+    CommCounter,
+    RingChannel,
+    RingExchange,
+    check_ring_position,
+    ring_tag,
+)
 
 __all__ = [
     "causal_attention_reference",
@@ -357,6 +364,7 @@ def zigzag_ring_attention(
             f"chunk_sizes {chunk_sizes} must be positive and 2*sum(chunk_sizes) must equal the "
             f"local token count {q_THD.shape[0]}"
         )
+    check_ring_position(ranks, position)
     return _ZigzagRingAttention.apply(
         q_THD,
         k_TGD,

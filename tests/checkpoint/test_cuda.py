@@ -52,6 +52,23 @@ def test_lazy_cuda_save_keeps_the_state_of_its_step(tmp_path: Path) -> None:
 
 
 @pytest.mark.gpu
+def test_non_contiguous_cuda_tensor_is_copied_after_its_contiguous_copy(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    values = torch.randn(1024, 512, device="cuda")
+    want = values.cpu().t()  # made on the host: no device block left holding the answer
+    # A busy main stream before the save, and again while the stager runs: the transposed
+    # copy must be made on the stream the host copy runs on, or that reads it unwritten.
+    torch.cuda._sleep(200_000_000)
+    with Checkpointer(tmp_path) as checkpointer:
+        checkpointer.save(1, {"w": values.t()})
+        torch.cuda._sleep(200_000_000)
+    loaded = {"w": None}
+    with Checkpointer(tmp_path) as checkpointer:
+        checkpointer.load(loaded)
+    assert torch.equal(loaded["w"], want)
+
+
+@pytest.mark.gpu
 def test_in_place_change_of_a_cuda_tensor_before_its_copy_raises(tmp_path: Path) -> None:
     small, big = _model(), nn.Linear(2048, 2048).cuda()
     small_bytes = sum(t.numel() * t.element_size() for t in small.state_dict().values())

@@ -7,6 +7,7 @@ import math
 import os
 import random
 import threading
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -322,6 +323,37 @@ def test_retention_keeps_the_newest_steps(tmp_path: Path) -> None:
     assert (tmp_path / LATEST_NAME).read_text() == "step-00000004\n"
 
 
+def test_a_step_below_a_committed_or_pending_one_is_refused(tmp_path: Path, gated_storage) -> None:
+    fix = "holds a later run's steps: move or delete them, or save this run to another folder"
+    with Checkpointer(tmp_path, keep=1) as checkpointer:
+        checkpointer.save(5, {"meta": "first"})
+        checkpointer.wait()
+        with pytest.raises(
+            ValueError, match=rf"cannot save step 3 under .*later steps \[5\].*{fix}"
+        ):
+            checkpointer.save(3, {"meta": "lower"})
+        # The same step again is allowed: a step rewritten after a fallback.
+        checkpointer.save(5, {"meta": "again"})
+    # Steps committed by an earlier Checkpointer (another run) count too.
+    with Checkpointer(tmp_path) as checkpointer:
+        with pytest.raises(ValueError, match=r"cannot save step 4 .*later steps \[5\]"):
+            checkpointer.save(4, {"meta": "lower"})
+        state = {"meta": None}
+        assert checkpointer.load(state) == 5 and state["meta"] == "again"
+    assert list_steps(tmp_path) == [5]
+
+    # A higher step still being written counts as well.
+    checkpointer = Checkpointer(tmp_path / "pending", storage=gated_storage)
+    try:
+        checkpointer.save(10, {"w": torch.ones(4)})
+        with pytest.raises(ValueError, match=r"cannot save step 7 .*later steps \[10\]"):
+            checkpointer.save(7, {"w": torch.ones(4)})
+    finally:
+        gated_storage.gate.set()
+        checkpointer.close()
+    assert list_steps(tmp_path / "pending") == [10]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -332,6 +364,8 @@ def test_retention_keeps_the_newest_steps(tmp_path: Path) -> None:
         ({"keep": True}, r"keep must be a positive int or None \(keep all\), got True"),
         ({"writer_threads": True}, r"writer_threads must be an int >= 1, got True"),
         ({"writer_threads": 2.0}, r"writer_threads must be an int >= 1, got 2\.0"),
+        ({"timeout": 30}, r"timeout must be a positive datetime\.timedelta, got 30; e\.g\."),
+        ({"timeout": timedelta(0)}, "timeout must be a positive datetime.timedelta"),
     ],
 )
 def test_bad_constructor_arguments(tmp_path: Path, kwargs: dict, message: str) -> None:

@@ -56,6 +56,13 @@ def test_import_a_dcp_checkpoint_and_resume(tmp_path: Path) -> None:
         assert checkpointer.load(state, rng=False) == 12
     assert_same(source, target)
     assert state["extra"] == {"epoch": 3, "name": "run"}
+    before = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    for step in (12, 11):
+        with pytest.raises(
+            ValueError, match=rf"cannot write step {step} .*already holds committed steps \[12\]"
+        ):
+            import_dcp(tmp_path / "dcp", tmp_path / "ckpt", step)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == before
 
 
 def test_export_to_dcp_loads_with_set_state_dict(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,8 @@ from torch import nn
 from bitscale.testing import run_on_ranks
 
 ROWS_PER_RANK, COLS = 3, 4
+# run_on_ranks' deadline; the commit group waits no longer (gloo's default is 30 minutes).
+TIMEOUT_S = 180
 
 
 def _full_table() -> torch.Tensor:
@@ -49,7 +52,11 @@ def save_and_load_on_ranks(rank: int, world_size: int, root: str) -> dict:
     rows = slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
     shard = _rows(_full_table()[rows].clone(), rank * ROWS_PER_RANK)
     result: dict = {}
-    with Checkpointer(root, keep=2) as checkpointer:
+    with Checkpointer(root, keep=2, timeout=timedelta(seconds=TIMEOUT_S)) as checkpointer:
+        # torch has no public getter for a group's timeout.
+        result["commit_timeout"] = checkpointer._group._get_backend(
+            torch.device("cpu")
+        ).options._timeout
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         checkpointer.attach(optimizer)
         for step in (1, 2, 3):
@@ -86,8 +93,9 @@ def save_and_load_on_ranks(rank: int, world_size: int, root: str) -> dict:
 @pytest.mark.dist
 @pytest.mark.slow
 def test_two_rank_save_commit_load_and_failure(tmp_path: Path) -> None:
-    results = run_on_ranks(save_and_load_on_ranks, 2, str(tmp_path), timeout=180)
+    results = run_on_ranks(save_and_load_on_ranks, 2, str(tmp_path), timeout=TIMEOUT_S)
     for rank, result in enumerate(results):
+        assert result["commit_timeout"] == timedelta(seconds=TIMEOUT_S)
         assert result["steps"] == [2, 3], result
         assert result["loaded"] == 3
         assert result["model_equal"] and result["shard_equal"], result

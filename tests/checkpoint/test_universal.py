@@ -18,7 +18,9 @@ import ctypes
 import math
 import os
 import time
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -37,6 +39,7 @@ from bitscale.checkpoint.layout import (
     torch_chunk_sizes,
 )
 from bitscale.checkpoint.reshard import Box, ChunkReader
+from torch import nn
 
 from bitscale.testing import run_on_ranks
 
@@ -144,6 +147,8 @@ def model_state(world: int, rank: int, *, empty: bool) -> dict[str, dict[str, to
 
 SAVE_WORLDS = (1, 2, 4)
 LOAD_WORLDS = (1, 2, 3, 4, 8)
+# run_on_ranks' deadline; subgroups wait no longer (gloo's default would be 30 minutes).
+TIMEOUT_S = 180
 
 
 def save_then_load_everywhere(rank: int, world_size: int, root: str) -> dict:
@@ -151,13 +156,16 @@ def save_then_load_everywhere(rank: int, world_size: int, root: str) -> dict:
     whose target rank maps to this process."""
     for saved_world in SAVE_WORLDS:
         # new_group is collective over the default group: every process calls it.
-        group = dist.new_group(list(range(saved_world)))
+        timeout = timedelta(seconds=TIMEOUT_S)
+        group = dist.new_group(list(range(saved_world)), timeout=timeout)
         if rank >= saved_world:
             # Only the group saves; its Checkpointer's commit group is made by new_group.
-            dist.new_group(list(range(saved_world)), backend="gloo")
+            dist.new_group(list(range(saved_world)), backend="gloo", timeout=timeout)
             continue
         folder = Path(root) / f"n{saved_world}"
-        with Checkpointer(folder, process_group=group, writer_threads=1) as checkpointer:
+        with Checkpointer(
+            folder, process_group=group, writer_threads=1, timeout=timeout
+        ) as checkpointer:
             checkpointer.save(100 + saved_world, model_state(saved_world, rank, empty=False))
     dist.barrier()
     loaded = {}
@@ -167,10 +175,12 @@ def save_then_load_everywhere(rank: int, world_size: int, root: str) -> dict:
                 state = model_state(target_world, target_rank, empty=True)
                 step = load_sharded(Path(root) / f"n{saved_world}", state)
                 assert step == 100 + saved_world
+                model = state["model"]
                 # numpy, not tensors: torch sends tensors through shared memory that
                 # vanishes when this process exits.
                 loaded[(saved_world, target_world, target_rank)] = {
-                    name: tensor.numpy().copy() for name, tensor in state["model"].items()
+                    "head_is_embed": model["head"] is model["embed"],
+                    **{name: t.numpy().copy() for name, t in model.items() if name != "head"},
                 }
     loaded["dtensor"] = dtensor_round_trips(root)
     # Ranks that disagree on the tensors to save: rank 0 refuses to commit, and every
@@ -195,7 +205,8 @@ def fail_on_rank_1_before_gather(root: str, rank: int) -> dict[str, tuple[str, f
         outcomes["save_sharded"] = ("saved", time.monotonic() - started)
     except (TypeError, RuntimeError) as error:
         outcomes["save_sharded"] = (f"{type(error).__name__}: {error}", time.monotonic() - started)
-    with Checkpointer(Path(root) / "early_lazy", keep=None) as checkpointer:
+    timeout = timedelta(seconds=TIMEOUT_S)
+    with Checkpointer(Path(root) / "early_lazy", keep=None, timeout=timeout) as checkpointer:
         started = time.monotonic()
         try:
             checkpointer.save(1, state)
@@ -235,7 +246,7 @@ def dtensor_round_trips(root: str) -> list[bool]:
 
 @pytest.mark.dist
 def test_save_n_load_m_bitwise_every_layout(tmp_path: Path) -> None:
-    results = run_on_ranks(save_then_load_everywhere, 4, str(tmp_path), timeout=180)
+    results = run_on_ranks(save_then_load_everywhere, 4, str(tmp_path), timeout=TIMEOUT_S)
     for rank, per_rank in enumerate(results):
         assert per_rank.pop("dtensor") == [True] * 4
         early = per_rank.pop("early_failure")
@@ -258,12 +269,13 @@ def test_save_n_load_m_bitwise_every_layout(tmp_path: Path) -> None:
     assert set(loaded) == expected_keys
     logical = logical_tensors()
     for (saved_world, target_world, target_rank), tensors in loaded.items():
+        # The tie survives the load: head is still the very tensor embed was loaded into.
+        assert tensors.pop("head_is_embed"), (saved_world, target_world, target_rank)
         shards = layouts(target_world, target_rank)
         for name, shard in shards.items():
             expected = live_local(logical[name], shard)
             got = torch.from_numpy(tensors[name])
             assert torch.equal(got, expected), (saved_world, target_world, target_rank, name)
-        assert (tensors["head"] == tensors["embed"]).all()
 
     for saved_world in SAVE_WORLDS:
         (step_dir,) = (tmp_path / f"n{saved_world}").glob("step-*")
@@ -311,6 +323,45 @@ def test_failed_save_leaves_nothing(tmp_path: Path) -> None:
         handle.truncate(data_file.stat().st_size - 4)
     with pytest.raises(ValueError, match="truncated"):
         load_sharded(tmp_path, {"model": {"a": torch.zeros(2)}})
+
+
+def test_a_committed_step_is_never_replaced_nor_gone_below(tmp_path: Path) -> None:
+    save_sharded(tmp_path, 3, {"model": {"a": torch.ones(2)}})
+    before = sorted(os.listdir(tmp_path))
+    for step in (3, 2):
+        with pytest.raises(
+            ValueError,
+            match=rf"cannot write step {step} under .*: it already holds committed steps \[3\];"
+            r".*Pass a step above 3 \(--step N for bitscale ckpt from-dcp/from-deepspeed\) or "
+            "write to another folder",
+        ):
+            save_sharded(tmp_path, step, {"model": {"a": torch.zeros(2)}})
+    assert sorted(os.listdir(tmp_path)) == before, "nothing may be written"
+    target = {"model": {"a": torch.zeros(2)}}
+    assert load_sharded(tmp_path, target) == 3 and torch.equal(target["model"]["a"], torch.ones(2))
+    save_sharded(tmp_path, 4, {"model": {"a": torch.zeros(2)}})
+
+
+def test_lr_scheduler_round_trips(tmp_path: Path) -> None:
+    def make() -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+        model = nn.Linear(2, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        return model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, 2, gamma=0.5)
+
+    model, optimizer, scheduler = make()
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    save_sharded(tmp_path, 5, {"model": model, "optim": optimizer, "sched": scheduler})
+    fresh_model, fresh_optimizer, fresh_scheduler = make()
+    load_sharded(
+        tmp_path, {"model": fresh_model, "optim": fresh_optimizer, "sched": fresh_scheduler}
+    )
+    assert fresh_scheduler.state_dict() == scheduler.state_dict()
+    assert fresh_scheduler.last_epoch == 5
+    fresh_optimizer.step()
+    fresh_scheduler.step()
+    assert fresh_optimizer.param_groups[0]["lr"] == 0.125  # decays at epoch 6, as saved
 
 
 def _rss_bytes(field: str) -> int:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from bitscale.kernels import BipolarLinear
 
-from bitscale.data import BatchSampler, DataSource, load_corpus
+from bitscale.data import BatchSampler, Corpus, DataSource, load_corpus
 from bitscale.train import (
     DEMO_ARGS,
     TrainConfig,
@@ -92,6 +92,15 @@ def test_folder_corpus_and_missing_data(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no file"):
         load_corpus(tmp_path / "empty")
+
+
+def test_corpus_paths_must_match_its_source(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"generates its documents: pass paths=None \(got 1 "):
+        Corpus(DataSource.LENGTHS, [5], paths=[tmp_path / "a.txt"])
+    with pytest.raises(ValueError, match=r"one path per length \(got no paths for 2 lengths"):
+        Corpus(DataSource.FOLDER, [5, 6])
+    with pytest.raises(ValueError, match=r"one path per length \(got 1 paths for 2 lengths"):
+        Corpus(DataSource.STDLIB, [5, 6], paths=[tmp_path / "a.txt"])
 
 
 def test_quant_spec_and_config_validation() -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from itertools import pairwise
 
 import pytest
 import torch
-from bitscale.hdp.comm import CommCategory, CommCounter
+from bitscale.hdp.comm import CommCategory, CommCounter, RingExchange
 from bitscale.hdp.ring_attention import (
     causal_attention_reference,
     packed_causal_attention,
@@ -20,6 +21,12 @@ TOLERANCE = 1e-12
 # <= 4e-7; bfloat16 <= 2.4e-3, i.e. about one rounding of a bfloat16 output or gradient
 # (2^-8 = 3.9e-3 relative) since the merge and the dK/dV accumulators stay in float32.
 LOW_PRECISION_TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
+
+
+def _worst(error: float, other: float) -> float:
+    """The larger error, NaN if either is: a NaN output must fail the tolerance check,
+    and the built-in max would drop it (every comparison with NaN is false)."""
+    return math.nan if math.isnan(error) or math.isnan(other) else max(error, other)
 
 
 def _zigzag_rows(length_padded: int, ring_size: int, position: int) -> torch.Tensor:
@@ -89,12 +96,12 @@ def _ring_case(rank: int, case: dict, item_id: int) -> dict | None:
         ):
             got = got.to(torch.float64)
             err = (got[real] - want[rows[real]]).abs().max().item() if real.any() else 0.0
-            errors[name] = max(errors[name], err)
+            errors[name] = _worst(errors[name], err)
             scales[name] = max(scales[name], want.abs().max().item())
         for grad in (q_l.grad, k_l.grad, v_l.grad):
             pad = grad[mine][~real]
             if pad.numel():
-                errors["padding_grad"] = max(errors["padding_grad"], pad.abs().max().item())
+                errors["padding_grad"] = _worst(errors["padding_grad"], pad.abs().max().item())
         offset += 2 * c
     # K and V travel in the input dtype, dK and dV in the compute dtype (float32 or float64).
     kv_bytes = 2 * k_l.numel() * k_l.element_size()
@@ -196,3 +203,30 @@ def test_bad_attention_inputs_raise() -> None:
         zigzag_ring_attention(q, q, q, ranks=[0, 1], position=0, item_id=0, chunk_sizes=[2])
     with pytest.raises(ValueError, match="distinct ranks"):
         zigzag_ring_attention(q, q, q, ranks=[0, 0], position=0, item_id=0, chunk_sizes=[3])
+
+
+def _wrong_position_on_ranks(rank: int, world_size: int) -> list[str]:
+    """Rings in which ``position`` names another rank than this process."""
+    q = torch.zeros(4, 2, 2)
+    calls = (
+        lambda: zigzag_ring_attention(
+            q, q, q, ranks=[1, 0], position=0, item_id=0, chunk_sizes=[2]
+        ),
+        lambda: RingExchange([1, 0], 0, 0, CommCategory.RING_KV, None, q),
+    )
+    messages = []
+    for call in calls:
+        try:
+            call()
+            messages.append("no error")
+        except ValueError as error:
+            messages.append(str(error))
+    return messages
+
+
+@pytest.mark.dist
+def test_ring_position_must_be_this_rank() -> None:
+    (messages,) = run_on_ranks(_wrong_position_on_ranks, 1)
+    for message in messages:
+        assert "ranks[0] is 1 but this process is rank 0" in message, message
+        assert "this rank's index in ranks [1, 0] (1)" in message, message

@@ -6,6 +6,7 @@ float64 throughout; relative error of a tensor = max|got - want| / max|want|.
 from __future__ import annotations
 
 import random
+from datetime import timedelta
 
 import pytest
 import torch
@@ -22,6 +23,8 @@ CAPACITY = 32
 VOCAB = 64
 STEPS = 5
 TOLERANCE = 1e-10
+# run_on_ranks' deadline; subgroups wait no longer (gloo's default would be 30 minutes).
+TIMEOUT_S = 280
 MODEL = dict(vocab_size=VOCAB, dim=32, heads=4, kv_heads=2, layers=2, mlp_dim=64)
 # Ring bytes of TinyTransformer(**MODEL) in float64: 2 layers, 2 KV heads of dim 8.
 COST = CostModel(num_layers=2, kv_heads=2, head_dim=8, element_size=8)
@@ -137,7 +140,10 @@ def _offload_check(runner_group, world_size: int) -> dict:
 
 def _equivalence_on_ranks(rank: int, world_size: int, phases: list[tuple[str, int, int]]) -> dict:
     torch.manual_seed(0)
-    groups = {n: dist.new_group(list(range(n))) for n in sorted({p[1] for p in phases})}
+    groups = {
+        n: dist.new_group(list(range(n)), timeout=timedelta(seconds=TIMEOUT_S))
+        for n in sorted({p[1] for p in phases})
+    }
     out = {}
     for strategy, n, capacity in phases:
         if rank >= n:
@@ -192,7 +198,7 @@ def _all_checks_on_ranks(rank: int, world_size: int) -> dict:
 
 @pytest.fixture(scope="module")
 def eight_ranks() -> list[dict]:
-    return run_on_ranks(_all_checks_on_ranks, 8, timeout=280)
+    return run_on_ranks(_all_checks_on_ranks, 8, timeout=TIMEOUT_S)
 
 
 @pytest.mark.dist
@@ -250,7 +256,12 @@ def test_runner_rejects_mismatched_inputs() -> None:
 
 def _random_plans_on_ranks(rank: int, world_size: int, num_plans: int, seed: int) -> list:
     """Run many random plans; every rank checks its own bytes against the plan."""
-    groups = {n: (dist.new_group(list(range(n))) if n < world_size else None) for n in range(2, 9)}
+    groups = {
+        n: dist.new_group(list(range(n)), timeout=timedelta(seconds=TIMEOUT_S))
+        if n < world_size
+        else None
+        for n in range(2, 9)
+    }
     rng = random.Random(seed)
     torch.manual_seed(0)
     model = TinyTransformer(vocab_size=16, dim=8, heads=2, kv_heads=1, layers=1, mlp_dim=8).double()
