@@ -29,7 +29,7 @@ import xml.etree.ElementTree as ET
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,7 @@ BITSCALE_PROVIDER = "bitscale"
 """``extra_info["provider"]`` of the measurements of bitscale itself."""
 
 
-class Subsystem(str, Enum):
+class Subsystem(StrEnum):
     """The folders of bench/, one per part of bitscale (plus the end-to-end job)."""
 
     KERNELS = "kernels"
@@ -299,7 +299,7 @@ def run_suite(
     from bitscale.env import collect_env
 
     paths = _bench_paths(repo, only)
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     device, device_name = current_device()
     with tempfile.TemporaryDirectory(prefix="bitscale-bench-") as tmp:
         bench_json, junit = Path(tmp) / "benchmark.json", Path(tmp) / "junit.xml"

@@ -39,7 +39,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -1338,7 +1338,7 @@ def _merge_parts(step: int, parts: list[dict[str, Any]]) -> Manifest:
             for name, e in tensors.items()
         },
         ranks=tuple(sorted((p["record"] for p in parts), key=lambda r: r.rank)),
-        created_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         writer={"bitscale": bitscale.__version__, "torch": torch.__version__},
     )
     validate_manifest(manifest)

@@ -83,7 +83,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -138,13 +138,6 @@ _SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.float8_e5m2: "F8_E5M2",
     torch.complex64: "C64",
 }
-
-
-class StrEnum(str, Enum):
-    """``enum.StrEnum`` for Python 3.10."""
-
-    def __str__(self) -> str:
-        return str(self.value)
 
 
 class EntryKind(StrEnum):

@@ -29,7 +29,7 @@ import os
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,7 @@ __all__ = [
 LAYOUT_VERSION = 1
 
 
-class DataParallel(str, Enum):
+class DataParallel(StrEnum):
     """How the data-parallel ranks split one TP-local tensor."""
 
     REPLICATED = "replicated"

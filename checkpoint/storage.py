@@ -28,6 +28,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -36,7 +37,6 @@ from bitscale.checkpoint.format import (
     MANIFEST_NAME,
     Manifest,
     ManifestError,
-    StrEnum,
     parse_step_dir_name,
     read_manifest,
     step_dir_name,

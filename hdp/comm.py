@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 
 import torch
 import torch.distributed as dist
@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 
-class CommCategory(str, Enum):
+class CommCategory(StrEnum):
     """What a counted payload is for."""
 
     RING_KV = "ring_kv"

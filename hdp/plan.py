@@ -46,7 +46,7 @@ import operator
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import ParamSpec, TypeVar
 
 from .cost import CostModel, OffloadConfig
@@ -70,7 +70,7 @@ Range = tuple[int, int, int]
 """``(seq_id, start, end)``: a half-open token range of one original sequence."""
 
 
-class GroupRule(str, Enum):
+class GroupRule(StrEnum):
     """How many ranks a sequence longer than the capacity gets."""
 
     CEIL = "ceil"
@@ -79,7 +79,7 @@ class GroupRule(str, Enum):
     """That minimum rounded up to a power of two, capped at world_size (Megatron hybrid CP)."""
 
 
-class StaticAssignment(str, Enum):
+class StaticAssignment(StrEnum):
     """How the static mesh hands documents to DP groups and micro-batches."""
 
     DP_BALANCED = "dp_balanced"

@@ -44,7 +44,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from bitscale._io import save_figure
@@ -71,7 +71,7 @@ __all__ = [
 ]
 
 
-class Strategy(str, Enum):
+class Strategy(StrEnum):
     STATIC = "static"
     HDP_NO_BALANCE = "hdp-no-balance"
     HDP = "hdp"
@@ -88,7 +88,7 @@ ABLATION: tuple[tuple[Strategy, str], ...] = (
 """Techniques added one at a time, in order, with their table labels."""
 
 
-class LengthDistribution(str, Enum):
+class LengthDistribution(StrEnum):
     EMPIRICAL = "empirical"
     """Sampled with replacement from a file of lengths (one per line)."""
     LOGNORMAL = "lognormal"

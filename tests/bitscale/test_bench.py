@@ -365,7 +365,7 @@ def test_run_suite_end_to_end(tmp_path: Path) -> None:
     repo = _fake_repo(tmp_path)
     (repo / "bench" / "kernels").mkdir()
     (repo / "bench" / "kernels" / "bench_toy.py").write_text(_TOY_BENCH)
-    now = dt.datetime(2026, 11, 26, 11, 20, tzinfo=dt.timezone.utc)
+    now = dt.datetime(2026, 11, 26, 11, 20, tzinfo=dt.UTC)
     path, exit_code = run_suite(
         repo,
         quick=True,
