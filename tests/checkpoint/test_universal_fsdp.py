@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from torch import nn
 
 from bitscale.testing import run_on_ranks
 
+TIMEOUT_S = 240
 GLOBAL_BATCH = 12  # divisible by 4, 3 and 2: every world sees the same global mean
 STEPS_BEFORE, STEPS_AFTER = 2, 5
 
@@ -113,7 +115,8 @@ def save_at_4_resume_at_2_and_3(rank: int, world_size: int, root: str) -> dict:
 
     dcp.save({"model": model.state_dict()}, checkpoint_id=str(Path(root) / "dcp4"))
     storage = GatedStorage()
-    with Checkpointer(root, keep=1, storage=storage) as checkpointer:
+    timeout = timedelta(seconds=TIMEOUT_S)
+    with Checkpointer(root, keep=1, storage=storage, timeout=timeout) as checkpointer:
         checkpointer.attach(optimizer)
         checkpointer.save(1, {"model": model, "optim": optimizer})
         storage.gate.set()
@@ -135,11 +138,11 @@ def save_at_4_resume_at_2_and_3(rank: int, world_size: int, root: str) -> dict:
         mesh = DeviceMesh("cpu", list(range(world)))
         if rank >= world:
             # The Checkpointer's commit group is made by new_group, collective over all.
-            dist.new_group(ranks=list(range(world)), backend="gloo")
+            dist.new_group(ranks=list(range(world)), backend="gloo", timeout=timeout)
             continue
         model = sharded_model(mesh)
         optimizer = make_optimizer(model)  # no state yet: load creates it
-        with Checkpointer(root, process_group=mesh.get_group()) as checkpointer:
+        with Checkpointer(root, process_group=mesh.get_group(), timeout=timeout) as checkpointer:
             step = checkpointer.load({"model": model, "optim": optimizer})
         assert step == STEPS_BEFORE
         loaded = full_state(model, optimizer)
@@ -168,7 +171,7 @@ def reference_run() -> tuple[list[float], dict[str, torch.Tensor]]:
 @pytest.mark.dist
 @pytest.mark.slow
 def test_fsdp2_adamw_saved_at_4_resumes_at_2_and_3(tmp_path: Path) -> None:
-    results = run_on_ranks(save_at_4_resume_at_2_and_3, 4, str(tmp_path), timeout=240)
+    results = run_on_ranks(save_at_4_resume_at_2_and_3, 4, str(tmp_path), timeout=TIMEOUT_S)
     saved = results[0]["saved"]
     for result in results:
         assert not result["durable_after_save"] and not result["durable_after_training_step"]
