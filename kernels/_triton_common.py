@@ -110,11 +110,16 @@ def tile_of_program(GROUP_ROWS: tl.constexpr):
     8 row tiles, a wave reads 8 row tiles of x and ~16 column tiles of the weight. With
     at most GROUP_ROWS row tiles (M <= 1024 on 128-row tiles) the order is unchanged."""
     num_m = tl.num_programs(0)
-    pid = tl.program_id(1) * num_m + tl.program_id(0)
-    per_band = GROUP_ROWS * tl.num_programs(1)
-    first_m = (pid // per_band) * GROUP_ROWS
-    rows = tl.minimum(num_m - first_m, GROUP_ROWS)
-    return first_m + (pid % per_band) % rows, (pid % per_band) // rows
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if num_m > GROUP_ROWS:  # skips four integer divisions at decode
+        pid = pid_n * num_m + pid_m
+        per_band = GROUP_ROWS * tl.num_programs(1)
+        first_m = (pid // per_band) * GROUP_ROWS
+        rows = tl.minimum(num_m - first_m, GROUP_ROWS)
+        pid_m = first_m + (pid % per_band) % rows
+        pid_n = (pid % per_band) // rows
+    return pid_m, pid_n
 
 
 @triton.jit
