@@ -159,13 +159,15 @@ class TrainConfig:
         else:
             capacity = math.ceil(self.max_len / min(world_size, 2))
             capacity += capacity % 2  # zigzag shards hold whole chunk pairs
-        # A sequence of L tokens on d ranks takes 2 * ceil(L / (2d)) slots per rank.
-        if 2 * math.ceil(self.max_len / (2 * world_size)) > capacity:
+        # A sequence that fits one rank stays whole; past that, L tokens on d ranks take
+        # 2 * ceil(L / (2d)) slots per rank (zigzag shards hold whole chunk pairs).
+        ring_slots = 2 * math.ceil(self.max_len / (2 * world_size))
+        needed = self.max_len if world_size == 1 else min(self.max_len, ring_slots)
+        if needed > capacity:
             raise ValueError(
                 f"--max-len {self.max_len} does not fit on {world_size} process(es) of "
-                f"--capacity {capacity} token slots; raise --capacity to at least "
-                f"{2 * math.ceil(self.max_len / (2 * world_size))}, lower --max-len, or use "
-                "more processes"
+                f"--capacity {capacity} token slots; raise --capacity to at least {needed}, "
+                "lower --max-len, or use more processes"
             )
         return capacity
 
@@ -463,6 +465,8 @@ def build_model(config: TrainConfig, device: torch.device) -> GPT:
 
 
 # Settings that decide which model is trained on which data: a resumed run must match them.
+# The optimizer's hyperparameters are here too: loading restores the saved lr, weight
+# decay and the scheduler's base lr, so a changed flag would be silently ignored.
 _IDENTITY_FIELDS = (
     "model",
     "docs_per_step",
@@ -472,6 +476,9 @@ _IDENTITY_FIELDS = (
     "precision",
     "quant",
     "quant_scope",
+    "lr",
+    "weight_decay",
+    "warmup_steps",
 )
 
 
@@ -493,10 +500,11 @@ def _run_identity(config: TrainConfig) -> dict[str, Any]:
 
 
 def _check_same_run(saved: dict[str, Any], current: dict[str, Any], ckpt_dir: str) -> None:
+    # `name in saved`: checkpoints of earlier versions lack the optimizer's fields.
     changed = [
-        f"--{name.replace('_', '-')} {saved.get(name)!r} -> {current[name]!r}"
+        f"--{name.replace('_', '-')} {saved[name]!r} -> {current[name]!r}"
         for name in _IDENTITY_FIELDS
-        if saved.get(name) != current[name]
+        if name in saved and saved[name] != current[name]
     ]
     if changed:
         raise ValueError(

@@ -18,10 +18,12 @@ tensors) is, summed over all ranks and all attention layers::
     ring_kv  = num_layers * d * 2 * (d - 1) * kv_hop                # (d-1) hops forward, (d-1) backward
     ring_dkv = num_layers * d * d * dkv_hop                         # d hops back to the owner
 
-Each rank sends ``(3d - 2)`` blocks per layer. Ring communication overlaps only with the
-compute of the ring steps, so what the ring adds to an item's time is::
+Each rank sends ``(3d - 2)`` blocks per layer: 2(d - 1) K/V hops and d dK/dV hops. Ring
+communication overlaps only with the compute of the ring steps, so what the ring adds to
+an item's time is::
 
-    t_ring    = num_layers * (3d - 2) * (kv_hop / bandwidth + ring_step_latency)
+    t_ring    = num_layers * ((2(d - 1) * kv_hop + d * dkv_hop) / bandwidth
+                              + (3d - 2) * ring_step_latency)
     t_exposed = max(0, t_ring - (d - 1)/d * (sum_i(alpha * s_i**2) / d + t_steps))
 
 with ``bandwidth`` = ``intra_node_bandwidth`` when all ranks sit in one node of

@@ -356,6 +356,11 @@ class SimulationConfig:
                 f"SimulationConfig: pipeline_stages {self.pipeline_stages} must divide the "
                 f"{self.cluster.num_ranks} ranks"
             )
+        if self.model.num_layers % self.pipeline_stages:
+            raise ValueError(
+                f"SimulationConfig: pipeline_stages {self.pipeline_stages} must divide the "
+                f"model's {self.model.num_layers} layers (layers are split evenly)"
+            )
 
     @property
     def num_ranks(self) -> int:
@@ -978,6 +983,11 @@ def main(args: Any) -> int:
         key, values = args.sweep if args.sweep else ("context", [config.workload.max_context])
         if args.plot and Strategy.STATIC not in strategies:
             raise ValueError("--plot shows speedup over static: keep 'static' in --strategies")
+        if args.fast and key == "gpus" and max(values) > FAST_MAX_GPUS:
+            raise ValueError(
+                f"--fast simulates at most {FAST_MAX_GPUS} GPUs, but --sweep asks for "
+                f"{max(values)}: sweep gpus up to {FAST_MAX_GPUS} or drop --fast"
+            )
         points = [(v, simulate(_apply(config, key, v), strategies)) for v in values]
     except ValueError as error:
         print(f"bitscale simulate: {error}", file=sys.stderr)

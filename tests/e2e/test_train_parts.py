@@ -15,6 +15,8 @@ from bitscale.data import BatchSampler, Corpus, DataSource, load_corpus
 from bitscale.train import (
     DEMO_ARGS,
     TrainConfig,
+    _check_same_run,
+    _run_identity,
     build_model,
     parse_quant,
     summarize,
@@ -118,8 +120,28 @@ def test_quant_spec_and_config_validation() -> None:
         TrainConfig(max_len=1024, capacity=128).capacity_for(4)
     assert TrainConfig(max_len=512).capacity_for(1) == 512
     assert TrainConfig(max_len=511).capacity_for(4) == 256
+    # One process holds a sequence whole: an odd capacity of max_len is enough.
+    assert TrainConfig(max_len=511, capacity=511).capacity_for(1) == 511
+    with pytest.raises(ValueError, match=r"raise --capacity to at least 511"):
+        TrainConfig(max_len=511, capacity=510).capacity_for(1)
     config = TrainConfig(quant="w4a8", schedule="static", capacity=64)
     assert TrainConfig.from_json(config.to_json()) == config
+
+
+def test_resume_refuses_changed_optimizer_flags() -> None:
+    """Loading restores the saved lr, weight decay and the scheduler's base lr: a changed
+    flag on --resume would be ignored, so it is refused, naming the flag."""
+    saved = _run_identity(TrainConfig())
+    _check_same_run(saved, _run_identity(TrainConfig()), "ckpt")
+    for flag, config in (
+        ("--lr", TrainConfig(lr=1e-2)),
+        ("--weight-decay", TrainConfig(weight_decay=0.5)),
+        ("--warmup-steps", TrainConfig(warmup_steps=1)),
+    ):
+        with pytest.raises(ValueError, match=flag):
+            _check_same_run(saved, _run_identity(config), "ckpt")
+    older = {k: v for k, v in saved.items() if k not in ("lr", "weight_decay", "warmup_steps")}
+    _check_same_run(older, _run_identity(TrainConfig(lr=1e-2)), "ckpt")
 
 
 def test_demo_args_parse() -> None:

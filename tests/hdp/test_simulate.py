@@ -338,6 +338,7 @@ def test_fast_mode_caps_gpus() -> None:
         (lambda: WorkloadConfig(distribution="empirical"), "needs lengths_file"),
         (lambda: WorkloadConfig(sequences_per_rank=0.0), "sequences_per_rank must be > 0"),
         (lambda: SimulationConfig(model=MODELS["llama-7b"], cluster=ClusterConfig(num_gpus=8), pipeline_stages=3), "pipeline_stages 3"),
+        (lambda: SimulationConfig(model=MODELS["llama-7b"], cluster=ClusterConfig(num_gpus=24), pipeline_stages=3), "32 layers"),
         (lambda: SimulationConfig(model=MODELS["llama-70b"], cluster=ClusterConfig(num_gpus=8)).resolved_capacity(), "no room for activations"),
     ],
 )  # fmt: skip
@@ -368,3 +369,5 @@ def test_cli_json_table_sweep_and_plot(tmp_path: Path, capsys: pytest.CaptureFix
         assert message in capsys.readouterr().err
     assert cli_main([*args, "--strategies", "static,warp"]) == 2
     assert "unknown strategy 'warp'" in capsys.readouterr().err
+    assert cli_main([*args, "--fast", "--sweep", "gpus=512,4096"]) == 2
+    assert "--fast simulates at most 1024 GPUs" in capsys.readouterr().err
