@@ -722,13 +722,16 @@ def _balanced_plan(
     per_rank: list[list[int]] = [[] for _ in range(world_size)]
     free_at = list(load)
     alpha, beta = cost.alpha, cost.beta + cost.gamma / capacity
+    # Attention as compute_time counts it (whole tiles past attention_tile = 1), so the
+    # schedule evens out the cost it is timed with.
+    tiles = cost.attention_work if cost.attention_tile > 1 else None
     heappushpop = heapq.heappushpop
     if left:
         r = heapq.heappop(heap)[1]
         for seq_id in left:
             L = lengths[seq_id]
             per_rank[r].append(seq_id)
-            seconds = alpha * L * L + beta * L
+            seconds = alpha * (L * L if tiles is None else tiles(L)) + beta * L
             free_at[r] += seconds
             if bubble:
                 largest[r] = max(largest[r], seconds + cost.gamma)

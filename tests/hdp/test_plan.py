@@ -584,3 +584,14 @@ def test_shard_for_names_a_ranks_ranges_and_rejects_outsiders() -> None:
     outsider = next(r for r in range(4) if r not in single.ranks)
     with pytest.raises(ValueError, match=f"rank {outsider} is not in item {single.item_id}"):
         single.shard_for(outsider)
+
+
+def test_balance_schedules_with_the_cost_it_is_timed_with() -> None:
+    """With 128-token attention tiles a 1-token document costs as much attention as a
+    128-token one; scheduled as L**2 the three short ones all went to one rank (makespan
+    3 tiles' worth), scheduled by tiles the ranks even out at two each."""
+    cost = CostModel(alpha=1.0, beta=0.0, gamma=0.0, attention_tile=128)
+    plan = plan_batch([128, 1, 1, 1], 2, 4096, cost=cost)
+    one_document = cost.compute_time([1])
+    assert plan.stats.busy_time == (2 * one_document, 2 * one_document)
+    assert plan.stats.makespan == 2 * one_document
