@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 from pathlib import Path
 
@@ -136,8 +137,10 @@ def deepspeed_zero_stages(rank: int, world_size: int, root: str) -> dict:
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     # DeepSpeed's optional shared-memory allreduce is a C++ op compiled on first
-    # use (tens of seconds on a fresh machine); gloo does the same job here.
-    deepspeed.comm.torch.build_shm_op = lambda: None
+    # use (tens of seconds on a fresh machine, and a hang behind the lock file of a
+    # killed build); gloo does the same job here. The module, not the attribute:
+    # deepspeed.comm.torch is the torch package (deepspeed/comm imports it).
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     results = {}
     for stage in (1, 2, 3):
 
