@@ -39,7 +39,12 @@ from typing import Any
 import torch
 from bitscale.checkpoint.engine import CheckpointSaveError, StateMutatedError
 from bitscale.checkpoint.format import decode_skeleton, encode_skeleton, safetensors_header
-from bitscale.checkpoint.staging import HostBufferPool, byte_view, max_piece_bytes
+from bitscale.checkpoint.staging import (
+    HostBufferPool,
+    byte_view,
+    contiguous_for_copy,
+    max_piece_bytes,
+)
 from bitscale.checkpoint.storage import TMP_PREFIX, LocalStorage, Storage, new_token
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
@@ -255,18 +260,10 @@ class LazyCheckpointEngine(CheckpointEngine):
         try:
             writer.write(memoryview(job.header))
             for entry in job.tensors:
-                source = entry.tensor
-                if source.is_cuda:
+                if entry.tensor.is_cuda:
                     assert self._copy_stream is not None
                     self._copy_stream.wait_event(job.ready)
-                    if not source.is_contiguous():
-                        # On the copy stream, after the save point: that one stream then
-                        # orders the host copies after this kernel, and the temporary's
-                        # memory is reused only by later work on that stream.
-                        with torch.cuda.stream(self._copy_stream):
-                            source = source.contiguous()
-                elif not source.is_contiguous():
-                    source = source.contiguous()
+                source = contiguous_for_copy(entry.tensor, self._copy_stream)
                 flat = byte_view(source)
                 for start in range(0, flat.numel(), piece_bytes):
                     stop = min(start + piece_bytes, flat.numel())

@@ -76,7 +76,13 @@ from bitscale.checkpoint.layout import (
     shard_of,
 )
 from bitscale.checkpoint.reshard import Box, ChunkReader
-from bitscale.checkpoint.staging import HostBufferPool, PoolSlot, byte_view, max_piece_bytes
+from bitscale.checkpoint.staging import (
+    HostBufferPool,
+    PoolSlot,
+    byte_view,
+    contiguous_for_copy,
+    max_piece_bytes,
+)
 from bitscale.checkpoint.storage import (
     CheckpointCorruptError,
     LocalStorage,
@@ -725,16 +731,7 @@ class Checkpointer:
             try:
                 if job.failed:
                     continue
-                source = item.source
-                if not source.is_contiguous():
-                    if source.is_cuda:
-                        # On the copy stream, which waited for the save point: that one
-                        # stream then orders the host copies after this kernel, and the
-                        # temporary's memory is reused only by later work on that stream.
-                        with torch.cuda.stream(self._copy_stream):
-                            source = source.contiguous()
-                    else:
-                        source = source.contiguous()
+                source = contiguous_for_copy(item.source, self._copy_stream)
                 flat = byte_view(source)
                 for start in range(0, item.nbytes, piece_bytes):
                     stop = min(start + piece_bytes, item.nbytes)

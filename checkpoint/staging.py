@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["HostBufferPool", "PoolClosedError", "PoolSlot", "byte_view", "max_piece_bytes"]
+__all__ = [
+    "HostBufferPool",
+    "PoolClosedError",
+    "PoolSlot",
+    "byte_view",
+    "contiguous_for_copy",
+    "max_piece_bytes",
+]
 
 # Pieces of at most 64 MiB: writers start on a tensor's first bytes while the
 # rest is still copying, and a pool far smaller than one tensor still works.
@@ -101,6 +108,21 @@ class HostBufferPool:
 def max_piece_bytes(pool_capacity: int) -> int:
     """Largest piece a tensor is split into for a pool of this size."""
     return max(1, min(_MAX_PIECE_BYTES, pool_capacity))
+
+
+def contiguous_for_copy(
+    tensor: torch.Tensor, copy_stream: torch.cuda.Stream | None
+) -> torch.Tensor:
+    """``tensor``, contiguous, for device-to-host copies on ``copy_stream``. A CUDA
+    tensor's contiguous copy is made on that stream (which already waited for the save
+    point), so the one stream orders the host copies after it, and the temporary's memory
+    is reused only by later work on that stream."""
+    if tensor.is_contiguous():
+        return tensor
+    if tensor.is_cuda:
+        with torch.cuda.stream(copy_stream):
+            return tensor.contiguous()
+    return tensor.contiguous()
 
 
 def byte_view(tensor: torch.Tensor) -> torch.Tensor:

@@ -355,16 +355,14 @@ def zigzag_ring_attention(
     _check_shapes(q_THD, k_TGD, v_TGD)
     ranks = tuple(int(r) for r in ranks)
     chunk_sizes = tuple(int(c) for c in chunk_sizes)
-    if len(ranks) < 2 or len(set(ranks)) != len(ranks):
-        raise ValueError(f"ranks must list at least 2 distinct ranks in ring order, got {ranks}")
-    if not 0 <= position < len(ranks):
-        raise ValueError(f"position must index ranks {ranks}, got {position}")
+    if len(set(ranks)) != len(ranks):
+        raise ValueError(f"ranks must list distinct ranks in ring order, got {ranks}")
     if any(c < 1 for c in chunk_sizes) or 2 * sum(chunk_sizes) != q_THD.shape[0]:
         raise ValueError(
             f"chunk_sizes {chunk_sizes} must be positive and 2*sum(chunk_sizes) must equal the "
             f"local token count {q_THD.shape[0]}"
         )
-    check_ring_position(ranks, position)
+    check_ring_position(ranks, position)  # last: it asks torch.distributed for this rank
     return _ZigzagRingAttention.apply(
         q_THD,
         k_TGD,
