@@ -21,6 +21,7 @@ __all__ = [
     "bipolar_levels",
     "byte_aligned",
     "cdiv",
+    "even_k",
     "expand_bits",
     "m_bucket",
     "store_dtype",
@@ -66,6 +67,16 @@ def byte_aligned(group_k: int, num_groups: int) -> bool:
     """Whether every K-tile of a grouped kernel starts on a plane byte (``BYTE_ALIGNED``):
     tiles start at ``g * group_k`` plus multiples of BLOCK_K (>= 32)."""
     return num_groups == 1 or group_k % 8 == 0
+
+
+def even_k(args: dict) -> bool:
+    """``EVEN_K`` (a ``triton.heuristics`` rule, evaluated after autotune picks BLOCK_K):
+    every K-tile lies inside its K-group, so none reads past the end of a weight row and
+    the plane loads need no K mask. A per-byte mask (``8 * byte < k_stop``: a new value
+    every byte) kept Triton from vectorizing them: the W4 GEMV tile (1, 32, 256) issued
+    33 one-byte loads per iteration, against 4 eight-byte loads without the mask, and 10.6
+    SASS instructions per weight code against 8.6 (scripts/sass_stats.py, Triton 3.9)."""
+    return args["GROUP_K"] % args["BLOCK_K"] == 0
 
 
 # Plain-Python launch arithmetic: these run on every call, and triton.cdiv /
@@ -167,6 +178,7 @@ def unpack_weight_codes(
     stride_wn,
     W_BITS: tl.constexpr,
     BYTE_ALIGNED: tl.constexpr,
+    EVEN_K: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -174,6 +186,7 @@ def unpack_weight_codes(
     ``k_start + BLOCK_K`` of output rows ``offs_n``, assembled from the weight's bit planes.
     Rows off ``n_mask`` and bytes from ``k_stop`` on load as 0; the callers zero the other
     operand past ``k_stop``, so the codes there (pad bits of a last, partial byte) never count.
+    ``EVEN_K`` promises the tile ends by ``k_stop`` (:func:`even_k`): no K mask then.
 
     With ``BYTE_ALIGNED`` (``k_start`` a multiple of 8; ``k_stop`` too, or K itself) each
     plane byte is loaded once and its 8 bits expanded in registers. Otherwise every code
@@ -182,7 +195,10 @@ def unpack_weight_codes(
     """
     if BYTE_ALIGNED:
         offs_byte = k_start // 8 + tl.arange(0, BLOCK_K // 8)
-        byte_mask_NB = n_mask[:, None] & (offs_byte * 8 < k_stop)[None, :]
+        if EVEN_K:
+            byte_mask_NB = n_mask[:, None]
+        else:
+            byte_mask_NB = n_mask[:, None] & (offs_byte * 8 < k_stop)[None, :]
         byte_NB = w_ptr + offs_n[:, None] * stride_wn + offs_byte[None, :]
         if W_BITS == 1:
             u_NK = expand_bits(tl.load(byte_NB, mask=byte_mask_NB, other=0), BLOCK_N, BLOCK_K // 8)

@@ -23,6 +23,7 @@ from bitscale.kernels._triton_common import (
     bipolar_levels,
     byte_aligned,
     cdiv,
+    even_k,
     m_bucket,
     store_dtype,
     tile_grid,
@@ -94,6 +95,7 @@ def _rows_fit(configs: list[triton.Config], named_args: dict, **kwargs) -> list[
     key=["M_BUCKET", "N", "K", "GROUP_K", "W_BITS", "W_LEVELS"],
     prune_configs_by={"early_config_prune": _rows_fit},
 )
+@triton.heuristics({"EVEN_K": even_k})
 @triton.jit
 def _bipolar_a16_kernel(
     x_ptr,
@@ -115,6 +117,7 @@ def _bipolar_a16_kernel(
     M_BUCKET,
     W_BITS: tl.constexpr,
     BYTE_ALIGNED: tl.constexpr,
+    EVEN_K: tl.constexpr,
     W_LEVELS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOT_FP32: tl.constexpr,
@@ -183,6 +186,7 @@ def _bipolar_a16_kernel(
                     stride_wn,
                     W_BITS,
                     BYTE_ALIGNED,
+                    EVEN_K,
                     BLOCK_K,
                     BLOCK_N,
                 )

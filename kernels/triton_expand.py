@@ -50,6 +50,7 @@ def _expand_weight_kernel(
     stride_wn,
     W_BITS: tl.constexpr,
     LEVELS: tl.constexpr,
+    EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -58,7 +59,18 @@ def _expand_weight_kernel(
     offs_k = k_start + tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
     u_KN = unpack_weight_codes(
-        w_ptr, k_start, K, offs_n, n_mask, stride_wplane, stride_wn, W_BITS, True, BLOCK_K, BLOCK_N
+        w_ptr,
+        k_start,
+        K,
+        offs_n,
+        n_mask,
+        stride_wplane,
+        stride_wn,
+        W_BITS,
+        True,
+        EVEN_K,
+        BLOCK_K,
+        BLOCK_N,
     )
     if LEVELS:
         value_KN = bipolar_levels(u_KN, W_BITS).to(out_ptr.dtype.element_ty)
@@ -87,6 +99,7 @@ def _expand(planes: torch.Tensor, bits: int, k: int, dtype: torch.dtype) -> torc
             planes.stride(1),
             W_BITS=bits,
             LEVELS=dtype != torch.int8,
+            EVEN_K=k % block_k == 0,
             BLOCK_N=block_n,
             BLOCK_K=block_k,
         )

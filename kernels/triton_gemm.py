@@ -28,6 +28,7 @@ from bitscale.kernels._triton_common import (
     TILE_GROUP_ROWS,
     autotune_configs,
     byte_aligned,
+    even_k,
     m_bucket,
     store_dtype,
     tile_grid,
@@ -65,6 +66,7 @@ _GEMM_TILES = (
     configs=autotune_configs(_GEMM_TILES),
     key=["M_BUCKET", "N", "K", "GROUP_K", "W_BITS", "W_CODES"],
 )
+@triton.heuristics({"EVEN_K": even_k})
 @triton.jit
 def _bipolar_gemm_kernel(
     x_ptr,
@@ -87,6 +89,7 @@ def _bipolar_gemm_kernel(
     M_BUCKET,
     W_BITS: tl.constexpr,
     BYTE_ALIGNED: tl.constexpr,
+    EVEN_K: tl.constexpr,
     W_CODES: tl.constexpr,
     INT_OUT: tl.constexpr,
     WIDE_ACC: tl.constexpr,
@@ -136,6 +139,7 @@ def _bipolar_gemm_kernel(
                     stride_wn,
                     W_BITS,
                     BYTE_ALIGNED,
+                    EVEN_K,
                     BLOCK_K,
                     BLOCK_N,
                 )

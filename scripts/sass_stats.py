@@ -4,8 +4,13 @@ Compiles the builds of ``tests/kernels/test_gpu_compile.py`` (every autotune til
 launcher specialization, as the JIT builds them) and prints, per build, the registers
 per thread, the stack (local memory, mostly register spills: in a K loop each costs L1
 traffic), the SASS instruction count and the global loads, read from the cubin with
-the ``cuobjdump`` that ships with Triton. Counts are static, not executed instructions:
-they compare kernel versions, they do not time them.
+the ``cuobjdump`` that ships with Triton, and the K loop's cost: the instructions of the
+innermost loop that loads from global memory, and those per weight code a thread handles
+in one iteration (32 * num_warps threads share BLOCK_N * BLOCK_K codes). A decode kernel
+is ALU-bound once codes per weight byte times instructions per code passes ~9: an H100
+issues ~30 T thread instructions/s (132 SMs x 128 lanes x 1.75 GHz) against 3.35 TB/s of
+HBM, so W4 (2 codes a byte) is past 4.4 per code. Counts are static, not executed
+instructions: they compare kernel versions, they do not time them.
 
     python scripts/sass_stats.py [--grep TEXT]
 
@@ -26,6 +31,29 @@ from pathlib import Path
 
 _COMPILE_CHECK = Path(__file__).resolve().parents[1] / "tests" / "kernels" / "test_gpu_compile.py"
 _INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", re.MULTILINE)
+_ADDRESSED = re.compile(
+    r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)([^;]*);", re.MULTILINE
+)
+_GLOBAL_LOADS = ("LDG", "LDGSTS")
+
+
+def _k_loop_instructions(sass: str) -> int:
+    """Instructions in the innermost loop (a backward branch's range) holding a global load:
+    the K loop of every kernel here, one iteration's worth (Triton does not unroll it)."""
+    code = [
+        (int(address, 16), opcode, operands)
+        for address, opcode, operands in _ADDRESSED.findall(sass)
+    ]
+    loops = []
+    for address, opcode, operands in code:
+        target = re.search(r"0x([0-9a-f]+)", operands) if opcode == "BRA" else None
+        if target and int(target.group(1), 16) < address:
+            loops.append((int(target.group(1), 16), address))
+    bodies = [
+        [op for at, op, _ in code if start <= at <= end]
+        for start, end in sorted(loops, key=lambda loop: loop[1] - loop[0])
+    ]
+    return next((len(body) for body in bodies if any(op in _GLOBAL_LOADS for op in body)), 0)
 
 
 def _cubin_stats(cuobjdump: str, cubin: bytes) -> dict[str, int]:
@@ -44,7 +72,8 @@ def _cubin_stats(cuobjdump: str, cubin: bytes) -> dict[str, int]:
         "registers": int(registers),
         "spill_bytes": int(stack),
         "instructions": len(opcodes),
-        "global_loads": sum(op in ("LDG", "LDGSTS") for op in opcodes),
+        "global_loads": sum(op in _GLOBAL_LOADS for op in opcodes),
+        "loop_instructions": _k_loop_instructions(sass),
     }
 
 
@@ -60,9 +89,18 @@ def main() -> None:
     stats: list[dict[str, int]] = []
     compile_cubin = triton.compile
 
-    def compile_and_record(*compile_args, **compile_kwargs):
-        binary = compile_cubin(*compile_args, **compile_kwargs)
-        stats.append(_cubin_stats(cuobjdump, binary.asm["cubin"]))
+    def compile_and_record(source, *compile_args, **compile_kwargs):
+        binary = compile_cubin(source, *compile_args, **compile_kwargs)
+        build = _cubin_stats(cuobjdump, binary.asm["cubin"])
+        meta = {source.fn.arg_names[index]: value for (index,), value in source.constants.items()}
+        threads = 32 * binary.metadata.num_warps
+        codes = meta.get("BLOCK_N", 0) * meta.get("BLOCK_K", 0)
+        build["per_code"] = (
+            build["loop_instructions"] * threads / codes
+            if codes and build["loop_instructions"]
+            else None
+        )
+        stats.append(build)
         return binary
 
     triton.compile = compile_and_record
@@ -72,12 +110,17 @@ def main() -> None:
     labels = compile_check._compile_all()
     assert len(labels) == len(stats), "one triton.compile per build"
     print(f"# python scripts/sass_stats.py: triton {triton.__version__}, static counts per cubin")
-    print(f"{'build':74} {'regs':>5} {'stack B':>8} {'instrs':>7} {'loads':>6}")
+    print(
+        f"{'build':74} {'regs':>5} {'stack B':>8} {'instrs':>7} {'loads':>6} "
+        f"{'K loop':>7} {'/code':>6}"
+    )
     for label, build in zip(labels, stats, strict=True):
         if args.grep in label:
+            per_code = "" if build["per_code"] is None else f"{build['per_code']:.2f}"
             print(
                 f"{label:74} {build['registers']:>5} {build['spill_bytes']:>8} "
-                f"{build['instructions']:>7} {build['global_loads']:>6}"
+                f"{build['instructions']:>7} {build['global_loads']:>6} "
+                f"{build['loop_instructions']:>7} {per_code:>6}"
             )
 
 

@@ -51,7 +51,9 @@ def _compile_all() -> list[str]:
         targets: tuple[GPUTarget, ...] = (hopper,),
         odd_shapes: bool = False,
     ) -> None:
-        jit = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+        jit = kernel
+        while not isinstance(jit, triton.runtime.JITFunction):  # Autotuner, Heuristics
+            jit = jit.fn
         block_m, block_n, block_k, warps, stages, *split_k = tile
         if "BLOCK_M" in jit.arg_names:
             constexprs = {**constexprs, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
@@ -67,12 +69,14 @@ def _compile_all() -> list[str]:
             for name, kind in signature.items()
             if kind.startswith("*") or name in _ALIGNED_INTS
         }
-        builds = [(target, aligned, "") for target in targets]
+        builds = [(target, aligned, constexprs, "") for target in targets]
         if odd_shapes:
-            builds.append((hopper, {}, " odd shapes"))
-        for target, attrs, variant in builds:
+            # K = 77: K-tiles run past the row's end, so the plane loads keep their K mask.
+            uneven = constexprs | ({"EVEN_K": False} if "EVEN_K" in constexprs else {})
+            builds.append((hopper, {}, uneven, " odd shapes"))
+        for target, attrs, target_constexprs, variant in builds:
             kernel_binary = triton.compile(
-                ASTSource(jit, full, constexprs, attrs=attrs),
+                ASTSource(jit, full, target_constexprs, attrs=attrs),
                 target=target,
                 options={"num_warps": warps, "num_stages": stages},
             )
@@ -87,9 +91,13 @@ def _compile_all() -> list[str]:
         specializes ungrouped weights (NUM_GROUPS == 1 becomes a constant), with decode's
         M == 1 too on the 16-row and GEMV (1-row) tiles."""
         for tile in tiles:
-            build(kernel, signature, constexprs, f"tile {tile}{label}", tile=tile)
+            # Grouped as by group_size=128 (EVEN_K where the K-tile divides the group);
+            # ungrouped at a model's K, a multiple of every BLOCK_K.
+            grouped = constexprs | {"EVEN_K": 128 % tile[2] == 0}
+            build(kernel, signature, grouped, f"tile {tile}{label}", tile=tile)
             decode = tile[0] <= 16
-            ones = {"NUM_GROUPS": 1} | ({"M": 1, "M_BUCKET": 1} if decode else {})
+            ones = {"NUM_GROUPS": 1, "EVEN_K": True}
+            ones |= {"M": 1, "M_BUCKET": 1} if decode else {}
             variant = " decode M=1" if decode else " ungrouped"
             build(kernel, signature, constexprs | ones, f"tile {tile}{label}{variant}", tile=tile)
 
@@ -123,6 +131,7 @@ def _compile_all() -> list[str]:
         return {
             "W_BITS": w_bits,
             "BYTE_ALIGNED": byte_aligned,
+            "EVEN_K": byte_aligned,
             "W_CODES": False,
             "INT_OUT": int_out,
             "WIDE_ACC": wide,
@@ -206,6 +215,7 @@ def _compile_all() -> list[str]:
         return {
             "W_BITS": w_bits,
             "BYTE_ALIGNED": byte_aligned,
+            "EVEN_K": byte_aligned,
             "W_LEVELS": False,
             "HAS_BIAS": True,
             "DOT_FP32": fp32,
@@ -263,7 +273,13 @@ def _compile_all() -> list[str]:
         build(
             triton_expand._expand_weight_kernel,
             {**expand_signature, "out_ptr": out},
-            {"W_BITS": w_bits, "LEVELS": out != "*i8", "BLOCK_N": block_n, "BLOCK_K": block_k},
+            {
+                "W_BITS": w_bits,
+                "LEVELS": out != "*i8",
+                "EVEN_K": True,
+                "BLOCK_N": block_n,
+                "BLOCK_K": block_k,
+            },
             f"w{w_bits} {out[1:]}",
             tile=(16, block_n, block_k, 4, 3),  # the launch defaults: 4 warps, 3 stages
             targets=both,

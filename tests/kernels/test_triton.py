@@ -156,6 +156,24 @@ def test_output_tiles_launch_in_bands_of_row_tiles(
         assert tiles == [(m, n) for n in range(num_n) for m in range(num_m)]
 
 
+@pytest.mark.parametrize("block_k", [32, 64, 128, 256, 512])
+def test_even_k_only_where_every_k_tile_ends_inside_its_group(block_k: int) -> None:
+    """even_k drops the plane loads' K mask, so it may hold only where no K-tile the
+    kernels walk (``kk`` in ``range(0, GROUP_K, BLOCK_K)`` of each group) runs past its
+    group, and with it past the weight row; it should hold wherever that is so."""
+    from bitscale.kernels._triton_common import even_k
+
+    for group_k in range(1, 2 * block_k + 3):
+        for num_groups in (1, 2, 3):
+            tiles_inside = all(
+                g * group_k + kk + block_k <= (g + 1) * group_k
+                for g in range(num_groups)
+                for kk in range(0, group_k, block_k)
+            )
+            args = {"GROUP_K": group_k, "BLOCK_K": block_k, "K": group_k * num_groups}
+            assert even_k(args) == tiles_inside, (group_k, num_groups)
+
+
 def test_triton_kernels_across_bands_of_row_tiles(
     oracle_mm: Callable, fp32_error_bound: Callable
 ) -> None:
