@@ -23,6 +23,7 @@ __all__ = [
     "cdiv",
     "even_k",
     "expand_bits",
+    "expand_sign_bits",
     "m_bucket",
     "store_dtype",
     "tile_config",
@@ -143,6 +144,17 @@ def expand_bits(bytes_RB, ROWS: tl.constexpr, BYTES: tl.constexpr):
 
 
 @triton.jit
+def expand_sign_bits(bytes_RB, ROWS: tl.constexpr, BYTES: tl.constexpr):
+    """The float32 sign bits of the 1-bit levels in ``bytes_RB`` [ROWS, BYTES], as uint32
+    [ROWS, 8 * BYTES] in the :func:`expand_bits` order: 0 for a set bit (level +1),
+    0x80000000 for a clear one (-1). Bit i moves to bit 31 with one shift, and the mask
+    and flip fold into the LOP3 that applies it to x (``x ^ sign`` is ``x * level``)."""
+    shift_118 = (31 - tl.arange(0, 8)).to(tl.uint32)[None, None, :]
+    signs_RB8 = ((bytes_RB.to(tl.uint32)[:, :, None] << shift_118) & 0x80000000) ^ 0x80000000
+    return tl.reshape(signs_RB8, (ROWS, 8 * BYTES))
+
+
+@triton.jit
 def bipolar_levels(u, W_BITS: tl.constexpr):
     """float32 levels 2U - (2^w - 1) of w-bit codes U (int32), without an int -> float
     conversion (16 per SM-clock on sm_90, against 64-128 for integer and FMA ops): the
@@ -181,12 +193,15 @@ def unpack_weight_codes(
     EVEN_K: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SIGN_BITS: tl.constexpr = False,
 ):
     """The w-bit weight codes U (int32 [BLOCK_K, BLOCK_N]) of columns ``k_start`` ..
     ``k_start + BLOCK_K`` of output rows ``offs_n``, assembled from the weight's bit planes.
     Rows off ``n_mask`` and bytes from ``k_stop`` on load as 0; the callers zero the other
     operand past ``k_stop``, so the codes there (pad bits of a last, partial byte) never count.
     ``EVEN_K`` promises the tile ends by ``k_stop`` (:func:`even_k`): no K mask then.
+    ``SIGN_BITS`` (1-bit weights) returns the levels' float32 sign bits instead
+    (:func:`expand_sign_bits`).
 
     With ``BYTE_ALIGNED`` (``k_start`` a multiple of 8; ``k_stop`` too, or K itself) each
     plane byte is loaded once and its 8 bits expanded in registers. Otherwise every code
@@ -200,7 +215,11 @@ def unpack_weight_codes(
         else:
             byte_mask_NB = n_mask[:, None] & (offs_byte * 8 < k_stop)[None, :]
         byte_NB = w_ptr + offs_n[:, None] * stride_wn + offs_byte[None, :]
-        if W_BITS == 1:
+        if SIGN_BITS:
+            tl.static_assert(W_BITS == 1, "sign bits are the levels of 1-bit weights only")
+            bytes_NB = tl.load(byte_NB, mask=byte_mask_NB, other=0)
+            u_NK = expand_sign_bits(bytes_NB, BLOCK_N, BLOCK_K // 8)
+        elif W_BITS == 1:
             u_NK = expand_bits(tl.load(byte_NB, mask=byte_mask_NB, other=0), BLOCK_N, BLOCK_K // 8)
         else:
             # Planes 0-3 (4-7) interleaved into one word per byte position b: byte j of the
@@ -228,4 +247,9 @@ def unpack_weight_codes(
         for j in tl.static_range(W_BITS):
             plane = tl.load(w_byte_KN + j * stride_wplane, mask=w_mask, other=0)
             u_KN += ((plane.to(tl.int32) >> w_shift_K1) & 1) << j
-        return u_KN
+        if SIGN_BITS:
+            tl.static_assert(W_BITS == 1, "sign bits are the levels of 1-bit weights only")
+            signs_KN = (u_KN ^ 1).to(tl.uint32) << 31
+        else:
+            signs_KN = u_KN
+        return signs_KN

@@ -127,6 +127,8 @@ def _bipolar_a16_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr = 1,
 ):
+    # 1-bit decode: the levels' sign bits applied to x, instead of levels and FMAs.
+    GEMV_SIGNS: tl.constexpr = BLOCK_M == 1 and W_BITS == 1 and not W_LEVELS
     pid_m, pid_n = tile_of_program(TILE_GROUP_ROWS)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = offs_m.to(tl.int64)  # row offsets: M * K and M * N pass 2^31 in long prefills
@@ -189,8 +191,10 @@ def _bipolar_a16_kernel(
                     EVEN_K,
                     BLOCK_K,
                     BLOCK_N,
+                    SIGN_BITS=GEMV_SIGNS,
                 )
-                level_KN = bipolar_levels(u_KN, W_BITS)
+                if not GEMV_SIGNS:
+                    level_KN = bipolar_levels(u_KN, W_BITS)
             # Padded activations are 0, so the weight levels there never count.
             if BLOCK_M == 1:
                 # Decode GEMV: one row, float32 FMAs into a [BLOCK_K, BLOCK_N] partial sum
@@ -201,7 +205,13 @@ def _bipolar_a16_kernel(
                     mask=m_mask[None, :] & in_group[:, None],
                     other=0.0,
                 )
-                partial_KN += x_K1.to(tl.float32) * level_KN.to(tl.float32)
+                if GEMV_SIGNS:
+                    # 1-bit levels are +-1: flipping x's sign bit is the product, exactly
+                    # as the FMA rounds it (shift, LOP3, FADD: 3 instructions per code).
+                    x_bits_K1 = x_K1.to(tl.float32).to(tl.uint32, bitcast=True)
+                    partial_KN += (x_bits_K1 ^ u_KN).to(tl.float32, bitcast=True)
+                else:
+                    partial_KN += x_K1.to(tl.float32) * level_KN.to(tl.float32)
             else:
                 x_MK = tl.load(
                     x_ptr + rows[:, None] * stride_xm + k[None, :],

@@ -245,6 +245,18 @@ def _compile_all() -> list[str]:
             targets=both,
             odd_shapes=True,
         )
+    # 1-bit decode applies the levels' sign bits to x (GEMV tiles only), from whole plane
+    # bytes and from the code-by-code unpack.
+    for byte_aligned, label in ((True, "w1 bf16 gemv"), (False, "w1 bf16 gemv per-code unpack")):
+        build(
+            triton_a16._bipolar_a16_kernel,
+            a16_signature("*bf16"),
+            a16_flags(1, byte_aligned=byte_aligned) | {"M": 1, "M_BUCKET": 1},
+            label,
+            tile=(1, 32, 256, 4, 3),
+            targets=both,
+            odd_shapes=byte_aligned,
+        )
     sweep(
         triton_a16._bipolar_a16_kernel,
         {**a16_signature("*bf16"), "w_ptr": "*bf16"},
@@ -340,8 +352,8 @@ def test_every_kernel_compiles_for_sm90() -> None:
     # every autotune config (split-K too), on planes and on expanded weights, grouped and
     # ungrouped
     assert sum("tile" in line for line in built) == 2 * 2 * (11 + 15 + 4) + 3
-    assert sum("sm_80" in line for line in built) == 20
-    assert sum("odd shapes" in line for line in built) == 20
+    assert sum("sm_80" in line for line in built) == 22
+    assert sum("odd shapes" in line for line in built) == 21
 
 
 if __name__ == "__main__":

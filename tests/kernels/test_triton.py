@@ -326,6 +326,32 @@ def test_triton_a16_gemv_tiles(
     assert ((out.cpu().double() - expected).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("group_size", [None, 32, 12])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_bit_gemv_sign_flips_equal_the_level_products(
+    group_size: int | None, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1-bit decode on planes flips x's sign bit where the FMA path multiplies by a +-1
+    level: bit for bit the same outputs as the expanded weight's levels on the same GEMV
+    tile (the same additions in the same order), across byte-aligned tiles, K-groups and
+    the code-by-code unpack (group_size=12 splits plane bytes)."""
+    import triton
+    from bitscale.kernels import triton_a16
+    from bitscale.kernels.reference import pack_weight
+
+    gemv = triton.Config({"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4)
+    monkeypatch.setattr(triton_a16._bipolar_a16_kernel, "configs", [gemv])
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 96, generator=generator).to(dtype).to(DEVICE)
+    x[0, 5] = 0.0  # a zero, whose flipped sign must still add nothing
+    w = quantize(torch.randn(33, 96, generator=generator), 1, group_size=group_size)
+    packed = pack_weight(w.to(DEVICE))
+    signs = triton_a16.bipolar_linear_a16(x, packed, expand_weight=False)
+    levels = triton_a16.bipolar_linear_a16(x, packed, expand_weight=True)
+    assert torch.equal(signs, levels)
+    assert signs.abs().sum() > 0
+
+
 def test_a16_autotune_candidates_by_rows() -> None:
     """GEMV tiles only at M = 1; split-K tiles only up to SPLIT_K_MAX_M rows, where the
     launcher allocates their workspace."""
