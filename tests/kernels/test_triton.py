@@ -174,6 +174,37 @@ def test_even_k_only_where_every_k_tile_ends_inside_its_group(block_k: int) -> N
             assert even_k(args) == tiles_inside, (group_k, num_groups)
 
 
+@pytest.mark.parametrize("module", ["triton_a16", "triton_gemm"])
+def test_even_k_sees_the_tile_autotune_picked(module: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The heuristic runs inside autotune, on each launch's BLOCK_K: at K = 128 tiles that
+    divide it (the interpreter's BLOCK_K = 32; 64 and 128 on a GPU) take the unmasked plane
+    loads, and at K = 77 every tile keeps the mask."""
+    import importlib
+
+    from bitscale.kernels._triton_common import even_k
+
+    kernel = getattr(
+        importlib.import_module(f"bitscale.kernels.{module}"), f"_bipolar_{module[7:]}_kernel"
+    )
+    seen = []
+
+    def recording_even_k(args: dict) -> bool:
+        seen.append((args["GROUP_K"], args["BLOCK_K"], even_k(args)))
+        return seen[-1][2]
+
+    monkeypatch.setitem(kernel.fn.values, "EVEN_K", recording_even_k)
+    for k in (128, 77):
+        x = torch.randn(3, k, dtype=torch.float32)
+        w = quantize(torch.randn(5, k), 4)
+        a_bits = 16 if module == "triton_a16" else 8
+        bipolar_linear(x.to(DEVICE), w.to(DEVICE), a_bits=a_bits, backend="triton")
+    assert {group_k for group_k, _, _ in seen} == {128, 77}
+    assert any(even for group_k, _, even in seen if group_k == 128)
+    assert not any(even for group_k, _, even in seen if group_k == 77)
+    if not torch.cuda.is_available():
+        assert seen == [(128, 32, True), (77, 32, False)]
+
+
 def test_triton_kernels_across_bands_of_row_tiles(
     oracle_mm: Callable, fp32_error_bound: Callable
 ) -> None:
