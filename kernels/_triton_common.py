@@ -208,6 +208,7 @@ def unpack_weight_codes(
     loads its own byte, 8 loads per byte: at BLOCK_K = 512, W4 that is 64K loads per tile
     where the byte path issues 8K (scripts/sass_stats.py counts both).
     """
+    tl.static_assert(not SIGN_BITS or W_BITS == 1, "sign bits are the levels of 1-bit weights")
     if BYTE_ALIGNED:
         offs_byte = k_start // 8 + tl.arange(0, BLOCK_K // 8)
         if EVEN_K:
@@ -215,12 +216,12 @@ def unpack_weight_codes(
         else:
             byte_mask_NB = n_mask[:, None] & (offs_byte * 8 < k_stop)[None, :]
         byte_NB = w_ptr + offs_n[:, None] * stride_wn + offs_byte[None, :]
-        if SIGN_BITS:
-            tl.static_assert(W_BITS == 1, "sign bits are the levels of 1-bit weights only")
+        if W_BITS == 1:
             bytes_NB = tl.load(byte_NB, mask=byte_mask_NB, other=0)
-            u_NK = expand_sign_bits(bytes_NB, BLOCK_N, BLOCK_K // 8)
-        elif W_BITS == 1:
-            u_NK = expand_bits(tl.load(byte_NB, mask=byte_mask_NB, other=0), BLOCK_N, BLOCK_K // 8)
+            if SIGN_BITS:
+                u_NK = expand_sign_bits(bytes_NB, BLOCK_N, BLOCK_K // 8)
+            else:
+                u_NK = expand_bits(bytes_NB, BLOCK_N, BLOCK_K // 8)
         else:
             # Planes 0-3 (4-7) interleaved into one word per byte position b: byte j of the
             # word is plane j's byte b, whose bit i belongs to code 8b + i, and one multiply
@@ -248,8 +249,5 @@ def unpack_weight_codes(
             plane = tl.load(w_byte_KN + j * stride_wplane, mask=w_mask, other=0)
             u_KN += ((plane.to(tl.int32) >> w_shift_K1) & 1) << j
         if SIGN_BITS:
-            tl.static_assert(W_BITS == 1, "sign bits are the levels of 1-bit weights only")
-            signs_KN = (u_KN ^ 1).to(tl.uint32) << 31
-        else:
-            signs_KN = u_KN
-        return signs_KN
+            u_KN = (u_KN ^ 1).to(tl.uint32) << 31
+        return u_KN

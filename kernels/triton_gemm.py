@@ -50,7 +50,7 @@ _INT32_LIMIT = 1 << 31
 # every K step's wgmma drains before the next is issued: Triton keeps only dots with a
 # float32 accumulator in flight across iterations, never int8 -> int32 (pendings = 0 in
 # the TTGIR of Triton 3.6 and 3.9). (128, 256, 128) halves the drains per output tile of
-# (128, 256, 64), in 144 KB of shared memory over 3 stages.
+# (128, 256, 64), in 144 KiB of shared memory over 3 stages.
 _GEMM_TILES = (
     (16, 32, 128, 4, 4),
     (16, 32, 256, 4, 3),

@@ -9,8 +9,9 @@ innermost loop that loads from global memory, and those per weight code a thread
 in one iteration (32 * num_warps threads share BLOCK_N * BLOCK_K codes). A decode kernel
 is ALU-bound once codes per weight byte times instructions per code passes ~9: an H100
 issues at most ~30 T thread instructions/s (132 SMs x 128 lanes x 1.75 GHz; integer ones
-at half that) against 3.35 TB/s of HBM, so W4 (2 codes a byte) is past 4.4 per code. Counts are static, not executed
-instructions: they compare kernel versions, they do not time them.
+at half that) against 3.35 TB/s of HBM, so W4 (2 codes a byte) is past 4.4 per code.
+Counts are static, not executed instructions: they compare kernel versions, they do not
+time them.
 
     python scripts/sass_stats.py [--grep TEXT]
 
