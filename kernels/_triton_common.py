@@ -21,10 +21,13 @@ __all__ = [
     "bipolar_levels",
     "byte_aligned",
     "cdiv",
+    "code_level_unscale",
     "even_k",
     "expand_bits",
     "expand_sign_bits",
+    "load_code_words",
     "m_bucket",
+    "scaled_code_levels",
     "store_dtype",
     "tile_config",
     "tile_grid",
@@ -179,6 +182,152 @@ def gather_codes(words_RB, ROWS: tl.constexpr, BYTES: tl.constexpr):
     return tl.reshape(codes_RB8, (ROWS, 8 * BYTES)).to(tl.int32)
 
 
+# Code words (WeightLayout.CODE_WORDS): code c of a 32-bit word lies in bits c * W and up.
+# A word's codes come out as a [..., 32 // W] tensor by nested tl.join, whose new
+# dimensions stay in each thread's registers, so every code's shift and mask is a
+# constant: the [..., 2, 2, 2] of a W4 word flattens to codes 0..7 in K order.
+# SCALED selects the decode GEMV's form, from the word's two halves (see
+# scaled_code_levels); otherwise a code's U comes from the word itself.
+@triton.jit
+def _code_word_field(
+    word, high, C: tl.constexpr, PER_WORD: tl.constexpr, W_BITS: tl.constexpr, SCALED: tl.constexpr
+):
+    if SCALED:
+        # Code j of a half, moved to bit 1 + j * W by the caller, over the magic bits.
+        j: tl.constexpr = C % (PER_WORD // 2)
+        shift: tl.constexpr = 1 + j * W_BITS
+        half = word if C < PER_WORD // 2 else high
+        field = half & ((((1 << W_BITS) - 1) << shift) | 0x4B000000)
+        offset: tl.constexpr = 8388608.0 + (1 << (W_BITS - 1 + shift)) - (1 << (shift - 1))
+        return field.to(tl.float32, bitcast=True) - offset
+    else:
+        return ((word >> (C * W_BITS)) & ((1 << W_BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def _code_word_pairs(
+    word,
+    high,
+    C: tl.constexpr,
+    STEP: tl.constexpr,
+    PER_WORD: tl.constexpr,
+    W_BITS: tl.constexpr,
+    SCALED: tl.constexpr,
+):
+    return tl.join(
+        _code_word_field(word, high, C, PER_WORD, W_BITS, SCALED),
+        _code_word_field(word, high, C + STEP, PER_WORD, W_BITS, SCALED),
+    )
+
+
+@triton.jit
+def _code_word_quads(
+    word,
+    high,
+    C: tl.constexpr,
+    STEP: tl.constexpr,
+    PER_WORD: tl.constexpr,
+    W_BITS: tl.constexpr,
+    SCALED: tl.constexpr,
+):
+    return tl.join(
+        _code_word_pairs(word, high, C, 2 * STEP, PER_WORD, W_BITS, SCALED),
+        _code_word_pairs(word, high, C + STEP, 2 * STEP, PER_WORD, W_BITS, SCALED),
+    )
+
+
+@triton.jit
+def _code_word_octets(
+    word,
+    high,
+    C: tl.constexpr,
+    STEP: tl.constexpr,
+    PER_WORD: tl.constexpr,
+    W_BITS: tl.constexpr,
+    SCALED: tl.constexpr,
+):
+    return tl.join(
+        _code_word_quads(word, high, C, 2 * STEP, PER_WORD, W_BITS, SCALED),
+        _code_word_quads(word, high, C + STEP, 2 * STEP, PER_WORD, W_BITS, SCALED),
+    )
+
+
+@triton.jit
+def _code_word_fields(
+    word,
+    high,
+    ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    W_BITS: tl.constexpr,
+    SCALED: tl.constexpr,
+):
+    """The fields of words [ROWS, BLOCK_K // (32 // W)] as [ROWS, BLOCK_K], in K order."""
+    PER_WORD: tl.constexpr = 32 // W_BITS
+    if PER_WORD == 4:
+        fields = _code_word_quads(word, high, 0, 1, PER_WORD, W_BITS, SCALED)
+    elif PER_WORD == 8:
+        fields = _code_word_octets(word, high, 0, 1, PER_WORD, W_BITS, SCALED)
+    else:
+        fields = tl.join(
+            _code_word_octets(word, high, 0, 2, PER_WORD, W_BITS, SCALED),
+            _code_word_octets(word, high, 1, 2, PER_WORD, W_BITS, SCALED),
+        )
+    return tl.reshape(fields, (ROWS, BLOCK_K))
+
+
+@triton.jit
+def load_code_words(
+    w_ptr,
+    k_start,
+    k_stop,
+    offs_n,
+    n_mask,
+    stride_wn,
+    W_BITS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """uint32 code words [BLOCK_N, BLOCK_K // (32 // W)] of columns ``k_start`` ..
+    ``k_start + BLOCK_K`` (``k_start`` a multiple of 32 // W), rows ``offs_n``; words
+    from ``k_stop`` on, and rows off ``n_mask``, load as 0."""
+    PER_WORD: tl.constexpr = 32 // W_BITS
+    tl.static_assert(BLOCK_K % PER_WORD == 0, "a K-tile holds whole code words")
+    offs_word = k_start // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
+    mask = n_mask[:, None]
+    if not EVEN_K:
+        mask = mask & (offs_word * PER_WORD < k_stop)[None, :]
+    words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_word[None, :], mask=mask, other=0)
+    return words.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def scaled_code_levels(words, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, W_BITS: tl.constexpr):
+    """float32 ``level * 2^(j * W)`` [ROWS, BLOCK_K] of code words [ROWS, BLOCK_K // (32 // W)],
+    j the code's place in its half word (:func:`code_level_unscale` undoes the power).
+
+    Each half word, shifted so its code j starts at bit s = 1 + j * W and OR-ed with the
+    float32 bits of 2^23 (two instructions a word), holds every code in place, under bit
+    17: one LOP3 masks a code onto 2^23, reading 2^23 + U * 2^s, and one FADD of
+    -(2^23 + 2^(W - 1 + s) - 2^(s - 1)) leaves (2U - 2^W + 1) * 2^(s - 1) exactly (both
+    operands are integers in [2^23, 2^24), all of which float32 holds). The LOP3 and FADD
+    are all a code costs before its FMA: the (1, 32, 256) GEMV's K loop runs 4.4 SASS
+    instructions per W4 code, against 8.6 gathering bit planes. The powers (at most 2^14)
+    leave the products exact and the sums' roundings unchanged while the partial sums
+    stay normal floats: below 2^113 in magnitude (float32 overflows at 2^128) and above
+    its subnormals."""
+    low = (words << 1) | 0x4B000000
+    high = (words >> 15) | 0x4B000000
+    return _code_word_fields(low, high, ROWS, BLOCK_K, W_BITS, True)
+
+
+@triton.jit
+def code_level_unscale(BLOCK_K: tl.constexpr, W_BITS: tl.constexpr):
+    """float32 [BLOCK_K]: 2^-(j * W), undoing :func:`scaled_code_levels`' powers."""
+    PER_WORD: tl.constexpr = 32 // W_BITS
+    j = tl.arange(0, BLOCK_K) % PER_WORD % (PER_WORD // 2)
+    return ((127 - j * W_BITS) << 23).to(tl.float32, bitcast=True)
+
+
 @triton.jit
 def unpack_weight_codes(
     w_ptr,
@@ -196,7 +345,8 @@ def unpack_weight_codes(
     SIGN_BITS: tl.constexpr = False,
 ):
     """The w-bit weight codes U (int32 [BLOCK_K, BLOCK_N]) of columns ``k_start`` ..
-    ``k_start + BLOCK_K`` of output rows ``offs_n``, assembled from the weight's bit planes.
+    ``k_start + BLOCK_K`` of output rows ``offs_n``, from the weight's bit planes (uint8
+    ``w_ptr``) or code words (int32 ``w_ptr``, :func:`load_code_words`).
     Rows off ``n_mask`` and bytes from ``k_stop`` on load as 0; the callers zero the other
     operand past ``k_stop``, so the codes there (pad bits of a last, partial byte) never count.
     ``EVEN_K`` promises the tile ends by ``k_stop`` (:func:`even_k`): no K mask then.
@@ -209,7 +359,12 @@ def unpack_weight_codes(
     where the byte path issues 8K (scripts/sass_stats.py counts both).
     """
     tl.static_assert(not SIGN_BITS or W_BITS == 1, "sign bits are the levels of 1-bit weights")
-    if BYTE_ALIGNED:
+    if w_ptr.dtype.element_ty == tl.int32:
+        words_NW = load_code_words(
+            w_ptr, k_start, k_stop, offs_n, n_mask, stride_wn, W_BITS, EVEN_K, BLOCK_K
+        )
+        return tl.trans(_code_word_fields(words_NW, words_NW, BLOCK_N, BLOCK_K, W_BITS, False))
+    elif BYTE_ALIGNED:
         offs_byte = k_start // 8 + tl.arange(0, BLOCK_K // 8)
         if EVEN_K:
             byte_mask_NB = n_mask[:, None]

@@ -8,16 +8,19 @@ from typing import TypeVar
 
 __all__ = [
     "ACTIVATION_BITS",
+    "CODE_WORD_BITS",
     "FLOAT_ACTIVATION_BITS",
     "WEIGHT_BITS",
     "Backend",
     "BipolarConfig",
     "QuantMethod",
+    "WeightLayout",
     "check_activation_bits",
     "check_bits",
     "check_group_size",
     "parse_backend",
     "parse_method",
+    "weight_layout",
 ]
 
 WEIGHT_BITS = tuple(range(1, 9))
@@ -54,6 +57,37 @@ class QuantMethod(StrEnum):
     """Clip-ratio search minimizing squared error; the default."""
     MEANABS = "meanabs"
     """Scale mean|x| / 2^(bits-1): the optimal 1-bit (XNOR) scale, generalized."""
+
+
+class WeightLayout(StrEnum):
+    """How a packed weight holds its codes (``PackedWeight.data``)."""
+
+    BITPLANES = "bitplanes"
+    """uint8 [bits, N, ceil(K / 8)] (:func:`~bitscale.kernels.pack_bitplanes`): any
+    width, and what the integer GEMM unpacks to int8 codes."""
+    CODE_WORDS = "code_words"
+    """int32 [N, ceil(K / (32 // bits))]: codes along K, 32 // bits to a word, code c of
+    a word in bits c * bits and up; widths 2, 4 and 8. The float-activation decode
+    kernel turns a code into a float level with one masking LOP3 and one FADD, where
+    bit planes gather its bits first: 4.4 against 8.6 SASS instructions per W4 code in
+    the (1, 32, 256) GEMV's K loop (scripts/sass_stats.py, Triton 3.9)."""
+
+
+CODE_WORD_BITS = (2, 4, 8)
+"""Widths with a :attr:`WeightLayout.CODE_WORDS` layout: those that tile a 32-bit word."""
+
+
+def weight_layout(w_bits: int, a_bits: int, group_size: int | None) -> WeightLayout:
+    """The layout weight-only (``a_bits=16``) layers pack into: code words where the
+    width tiles a word and every K-group starts on a word, bit planes otherwise (and
+    for quantized activations, whose integer GEMM reads planes)."""
+    if (
+        a_bits == FLOAT_ACTIVATION_BITS
+        and w_bits in CODE_WORD_BITS
+        and (group_size is None or group_size % (32 // w_bits) == 0)
+    ):
+        return WeightLayout.CODE_WORDS
+    return WeightLayout.BITPLANES
 
 
 _Choice = TypeVar("_Choice", bound=StrEnum)

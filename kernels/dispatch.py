@@ -22,9 +22,11 @@ from bitscale.kernels.config import (
     FLOAT_ACTIVATION_BITS,
     Backend,
     QuantMethod,
+    WeightLayout,
     check_activation_bits,
     parse_backend,
     parse_method,
+    weight_layout,
 )
 from bitscale.kernels.format import BipolarTensor, _quantize_codes, pack_bitplanes
 from bitscale.kernels.reference import (
@@ -33,9 +35,10 @@ from bitscale.kernels.reference import (
     bipolar_mm_int_reference,
     centred_codes,
     check_mm_codes,
-    dequantize_planes,
+    dequantize_packed,
     dequantized_linear,
     pack_weight,
+    packed_out_features,
 )
 
 __all__ = [
@@ -211,7 +214,7 @@ def check_linear_inputs(
 
 def _triton_linear(
     rows: torch.Tensor,
-    planes: torch.Tensor,
+    data: torch.Tensor,
     scales: torch.Tensor,
     centred_rowsums: torch.Tensor,
     bias: torch.Tensor | None,
@@ -220,9 +223,12 @@ def _triton_linear(
     group_size: int | None,
     a_bits: int,
     activation_method: str,
+    layout: str,
 ) -> torch.Tensor:
     """The Triton kernels on contiguous rows [M, K]: float [M, N] in rows' dtype."""
-    weight = PackedWeight(planes, scales, centred_rowsums, w_bits, in_features, group_size)
+    weight = PackedWeight(
+        data, scales, centred_rowsums, w_bits, in_features, group_size, WeightLayout(layout)
+    )
     method = QuantMethod(activation_method)
     if a_bits == FLOAT_ACTIVATION_BITS:
         out = _triton_module("triton_a16").bipolar_linear_a16(rows, weight, bias=bias)
@@ -243,7 +249,7 @@ def _triton_linear(
         out = gemm.bipolar_gemm(
             x_centred,
             x_rowsums,
-            weight.planes,
+            weight.data,
             weight.centred_rowsums,
             a_bits=a_bits,
             w_bits=weight.bits,
@@ -267,14 +273,15 @@ _triton_linear_op = torch.library.custom_op(
 
 
 @_triton_linear_op.register_fake
-def _(rows: torch.Tensor, planes: torch.Tensor, *weight_and_options: object) -> torch.Tensor:
-    return rows.new_empty((rows.shape[0], planes.shape[1]))
+def _(rows: torch.Tensor, data: torch.Tensor, *weight_and_options: object) -> torch.Tensor:
+    layout = weight_and_options[-1]
+    return rows.new_empty((rows.shape[0], packed_out_features(data, layout)))
 
 
 def _setup_backward(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    rows, planes, scales, _, bias, w_bits, in_features, group_size, *_ = inputs
-    ctx.save_for_backward(planes, scales)
-    ctx.weight_meta = (w_bits, in_features, group_size)
+    rows, data, scales, _, bias, w_bits, in_features, group_size, *_, layout = inputs
+    ctx.save_for_backward(data, scales)
+    ctx.weight_meta = (w_bits, in_features, group_size, layout)
     ctx.rows_dtype = rows.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
 
@@ -282,14 +289,14 @@ def _setup_backward(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
 def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     """Straight-through: the gradient of ``rows @ W_q^T + bias`` with the dequantized
     weight fixed (and, for quantized activations, the identity for their rounding)."""
-    planes, scales = ctx.saved_tensors
+    data, scales = ctx.saved_tensors
     grad_rows = grad_bias = None
     if ctx.needs_input_grad[0]:
-        weight = dequantize_planes(planes, scales, *ctx.weight_meta)
+        weight = dequantize_packed(data, scales, *ctx.weight_meta)
         grad_rows = (grad_out.to(torch.float32) @ weight).to(ctx.rows_dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
         grad_bias = grad_out.sum(0).to(ctx.bias_dtype)
-    return grad_rows, None, None, None, grad_bias, None, None, None, None, None
+    return grad_rows, None, None, None, grad_bias, None, None, None, None, None, None
 
 
 _triton_linear_op.register_autograd(_backward, setup_context=_setup_backward)
@@ -308,8 +315,13 @@ def linear_packed(
     check_activation_bits(a_bits)
     activation_method = parse_method(activation_method)
     check_linear_inputs(x, weight.in_features, weight.out_features, bias)
-    if x.device != weight.planes.device:
-        raise ValueError(f"x is on {x.device} but the weight on {weight.planes.device}")
+    if a_bits != FLOAT_ACTIVATION_BITS and weight.layout is not WeightLayout.BITPLANES:
+        raise ValueError(
+            f"quantized activations (a_bits={a_bits}) run on a bit-plane weight, got "
+            f"{weight.layout.value}: pack it with layout='bitplanes'"
+        )
+    if x.device != weight.data.device:
+        raise ValueError(f"x is on {x.device} but the weight on {weight.data.device}")
     chosen = resolve_backend(backend, x.device)
     if chosen is Backend.TRITON_BITPLANE:
         raise ValueError(
@@ -317,8 +329,13 @@ def linear_packed(
             "'reference' for bipolar_linear"
         )
     if chosen is Backend.REFERENCE:
-        dequantized = dequantize_planes(
-            weight.planes, weight.scales, weight.bits, weight.in_features, weight.group_size
+        dequantized = dequantize_packed(
+            weight.data,
+            weight.scales,
+            weight.bits,
+            weight.in_features,
+            weight.group_size,
+            weight.layout,
         )
         return dequantized_linear(
             x,
@@ -347,7 +364,7 @@ def linear_packed(
     run = _triton_linear if plain_eager and not needs_grad else _triton_linear_op
     out = run(
         rows,
-        weight.planes,
+        weight.data,
         weight.scales,
         weight.centred_rowsums,
         bias,
@@ -356,6 +373,7 @@ def linear_packed(
         weight.group_size,
         a_bits,
         activation_method.value,
+        weight.layout.value,
     )
     return out.view(*x.shape[:-1], weight.out_features)
 
@@ -393,7 +411,7 @@ def bipolar_linear(
         )
     return linear_packed(
         x,
-        pack_weight(w),
+        pack_weight(w, layout=weight_layout(w.bits, a_bits, w.group_size)),
         a_bits=a_bits,
         activation_method=activation_method,
         bias=bias,

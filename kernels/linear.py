@@ -4,8 +4,9 @@ Training keeps float master weights and fake-quantizes weights (and, for
 ``a_bits <= 8``, activations) in the forward pass with a straight-through
 estimator, so gradients reach the master weights as if quantization were the
 identity (quantization-aware training). Eval quantizes the master weights once
-(cached until they change), packs them into bit planes and runs them through
-the dispatched kernel.
+(cached until they change), packs them in the layout their kernel reads (code
+words for weight-only 2-, 4- and 8-bit layers, bit planes otherwise: see
+``WeightLayout``) and runs them through the dispatched kernel.
 
 ``eval()`` always re-packs from the current weights. Between calls, eager forwards
 re-pack when the weight's version counter, storage, device or dtype changed;
@@ -27,12 +28,13 @@ from bitscale.kernels.config import (
     BipolarConfig,
     QuantMethod,
     check_group_size,
+    weight_layout,
 )
 from bitscale.kernels.dispatch import check_linear_inputs, linear_packed, resolve_backend
 from bitscale.kernels.format import fake_quantize, quantize
 from bitscale.kernels.reference import (
     PackedWeight,
-    dequantize_planes,
+    dequantize_packed,
     dequantized_linear,
     pack_weight,
 )
@@ -129,7 +131,7 @@ class BipolarLinear(nn.Module):
         return layer
 
     def packed_weight(self) -> PackedWeight:
-        """The quantized, bit-plane packed weight used in eval (recomputed when W changes)."""
+        """The quantized, packed weight used in eval (recomputed when W changes)."""
         if torch.compiler.is_compiling():
             # Dynamo cannot guard on the version counter, so compiled graphs use the
             # weights packed by eval(), load_state_dict(), .to(), assignment or the last
@@ -152,7 +154,8 @@ class BipolarLinear(nn.Module):
                 group_size=self.config.group_size,
                 method=self.config.method,
             )
-            self._packed = pack_weight(quantized)
+            layout = weight_layout(self.config.w_bits, self.config.a_bits, self.config.group_size)
+            self._packed = pack_weight(quantized, layout=layout)
             self._dequantized = None
             self._packed_key = key
         return self._packed
@@ -266,8 +269,13 @@ def _pack_after_load(module: BipolarLinear, incompatible_keys: object) -> None:
 
 
 def _dequantize_packed(packed: PackedWeight) -> torch.Tensor:
-    return dequantize_planes(
-        packed.planes, packed.scales, packed.bits, packed.in_features, packed.group_size
+    return dequantize_packed(
+        packed.data,
+        packed.scales,
+        packed.bits,
+        packed.in_features,
+        packed.group_size,
+        packed.layout,
     )
 
 

@@ -17,7 +17,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from bitscale.kernels.config import FLOAT_ACTIVATION_BITS, QuantMethod, check_bits, parse_method
+from bitscale.kernels.config import (
+    CODE_WORD_BITS,
+    FLOAT_ACTIVATION_BITS,
+    QuantMethod,
+    WeightLayout,
+    check_bits,
+    parse_method,
+    weight_layout,
+)
 from bitscale.kernels.format import (
     BipolarTensor,
     _dequantize_codes,
@@ -33,9 +41,12 @@ __all__ = [
     "bipolar_mm_int_reference",
     "centred_codes",
     "check_mm_codes",
-    "dequantize_planes",
+    "dequantize_packed",
     "dequantized_linear",
+    "pack_code_words",
     "pack_weight",
+    "packed_out_features",
+    "unpack_code_words",
 ]
 
 _FP32_EXACT_INTEGERS = 1 << 24
@@ -104,10 +115,10 @@ def bipolar_mm_int_reference(
 
 @dataclass(frozen=True, eq=False)
 class PackedWeight:
-    """A [N, K] weight in kernel layout: bit planes plus what the epilogue needs."""
+    """A [N, K] weight in kernel layout: its packed codes plus what the epilogue needs."""
 
-    planes: torch.Tensor
-    """uint8 [bits, N, ceil(K / 8)], see :func:`~bitscale.kernels.pack_bitplanes`."""
+    data: torch.Tensor
+    """The codes, as ``layout`` says (:class:`~bitscale.kernels.config.WeightLayout`)."""
     scales: torch.Tensor
     """float32 [N, groups]."""
     centred_rowsums: torch.Tensor
@@ -115,26 +126,67 @@ class PackedWeight:
     bits: int
     in_features: int
     group_size: int | None
+    layout: WeightLayout = WeightLayout.BITPLANES
 
     @property
     def out_features(self) -> int:
-        return self.planes.shape[1]
+        return packed_out_features(self.data, self.layout)
 
     @property
     def group_k(self) -> int:
         return self.in_features if self.group_size is None else self.group_size
 
 
-def dequantize_planes(
-    planes: torch.Tensor, scales: torch.Tensor, bits: int, k: int, group_size: int | None
+def packed_out_features(data: torch.Tensor, layout: WeightLayout | str) -> int:
+    """N of packed weight data: planes are [bits, N, bytes], code words [N, words]."""
+    return data.shape[1] if layout == WeightLayout.BITPLANES else data.shape[0]
+
+
+def pack_code_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 [N, ceil(K / (32 // bits))] code words (``WeightLayout.CODE_WORDS``) of
+    uint8 codes [N, K]; a last, partial word is padded with zero codes."""
+    if bits not in CODE_WORD_BITS:
+        raise ValueError(f"code words hold 2-, 4- or 8-bit codes, got bits={bits}")
+    per_word = 32 // bits
+    n, k = codes.shape
+    words_per_row = -(-k // per_word)
+    padded = torch.zeros((n, words_per_row * per_word), dtype=torch.int64, device=codes.device)
+    padded[:, :k] = codes
+    shifts = torch.arange(0, 32, bits, device=codes.device)
+    words = (padded.view(n, words_per_row, per_word) << shifts).sum(-1)
+    return (words - ((words >> 31) << 32)).to(torch.int32)  # the uint32 bits, as int32
+
+
+def unpack_code_words(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """uint8 codes [N, K] of int32 code words [N, ceil(K / (32 // bits))]."""
+    shifts = torch.arange(0, 32, bits, device=words.device, dtype=torch.int32)
+    codes = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.flatten(-2)[..., :k].to(torch.uint8)
+
+
+def dequantize_packed(
+    data: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    k: int,
+    group_size: int | None,
+    layout: WeightLayout | str = WeightLayout.BITPLANES,
 ) -> torch.Tensor:
-    """float32 [N, K]: what dequantize() gives for a weight's bit planes and scales,
+    """float32 [N, K]: what dequantize() gives for a packed weight's data and scales,
     without its checks of data this package packed (they would stop torch.compile)."""
-    return _dequantize_codes(_unpack_trusted(planes, bits, k), scales, bits, 1, group_size)
+    if layout == WeightLayout.BITPLANES:
+        codes = _unpack_trusted(data, bits, k)
+    else:
+        codes = unpack_code_words(data, bits, k)
+    return _dequantize_codes(codes, scales, bits, 1, group_size)
 
 
-def pack_weight(w: BipolarTensor) -> PackedWeight:
-    """Kernel layout of a 2-d weight quantized along K (its last axis)."""
+def pack_weight(
+    w: BipolarTensor, *, layout: WeightLayout | str = WeightLayout.BITPLANES
+) -> PackedWeight:
+    """Kernel layout of a 2-d weight quantized along K (its last axis): bit planes, or
+    code words (:class:`~bitscale.kernels.config.WeightLayout`) for the float-activation
+    kernels, where ``weight_layout`` allows them."""
     if not isinstance(w, BipolarTensor):
         raise TypeError(f"the weight must be a BipolarTensor, got {type(w).__name__}")
     if w.codes.dim() != 2 or w.axis != 1:
@@ -142,17 +194,33 @@ def pack_weight(w: BipolarTensor) -> PackedWeight:
             f"the weight must be 2-d [N, K] quantized along K (axis=-1), got shape "
             f"{tuple(w.shape)} with axis={w.axis}"
         )
+    layout = WeightLayout(layout)
     n, k = w.shape
+    if (
+        layout is WeightLayout.CODE_WORDS
+        and weight_layout(w.bits, FLOAT_ACTIVATION_BITS, w.group_size)
+        is not WeightLayout.CODE_WORDS
+    ):
+        raise ValueError(
+            f"code words hold {', '.join(map(str, CODE_WORD_BITS))}-bit weights whose "
+            f"K-groups start on a word; got {w.bits} bits, group_size={w.group_size}: "
+            "pack bit planes instead"
+        )
     group = k if w.group_size is None else w.group_size
     centred = w.codes.to(torch.int32) - (1 << (w.bits - 1))
     rowsums = centred.view(n, k // group, group).sum(-1, dtype=torch.int32)
+    if layout is WeightLayout.BITPLANES:
+        data = pack_bitplanes(w.codes, w.bits)
+    else:
+        data = pack_code_words(w.codes, w.bits)
     return PackedWeight(
-        planes=pack_bitplanes(w.codes, w.bits),
+        data=data,
         scales=w.scales.contiguous(),
         centred_rowsums=rowsums.contiguous(),
         bits=w.bits,
         in_features=k,
         group_size=w.group_size,
+        layout=layout,
     )
 
 

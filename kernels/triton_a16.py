@@ -1,7 +1,8 @@
-"""Triton weight-only bipolar linear (A16): float activations times bit-plane weights.
+"""Triton weight-only bipolar linear (A16): float activations times packed weights.
 
 Imported only by :mod:`bitscale.kernels.dispatch`, lazily. Shape legend as in
-``triton_gemm``: x [M, K] (bf16/fp16/fp32), weight planes uint8 [w, N, ceil(K/8)],
+``triton_gemm``: x [M, K] (bf16/fp16/fp32), the weight's bit planes uint8
+[w, N, ceil(K/8)] or code words int32 [N, ceil(K / (32 // w))] (WeightLayout),
 scales float32 [N, NG]. Each K-tile of the weight is unpacked in registers to its
 bipolar levels 2U - (2^w - 1) (odd integers up to 255, exact in bf16 and fp16),
 dotted with the activations in their own dtype with a float32 accumulator, and
@@ -23,13 +24,17 @@ from bitscale.kernels._triton_common import (
     bipolar_levels,
     byte_aligned,
     cdiv,
+    code_level_unscale,
     even_k,
+    load_code_words,
     m_bucket,
+    scaled_code_levels,
     store_dtype,
     tile_grid,
     tile_of_program,
     unpack_weight_codes,
 )
+from bitscale.kernels.config import WeightLayout
 from bitscale.kernels.reference import PackedWeight
 
 __all__ = ["INTERPRETED", "bipolar_linear_a16"]
@@ -129,6 +134,8 @@ def _bipolar_a16_kernel(
 ):
     # 1-bit decode: the levels' sign bits applied to x, instead of levels and FMAs.
     GEMV_SIGNS: tl.constexpr = BLOCK_M == 1 and W_BITS == 1 and not W_LEVELS
+    # Decode on code words: levels scaled by powers of two, undone once per group.
+    GEMV_WORDS: tl.constexpr = BLOCK_M == 1 and w_ptr.dtype.element_ty == tl.int32
     pid_m, pid_n = tile_of_program(TILE_GROUP_ROWS)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = offs_m.to(tl.int64)  # row offsets: M * K and M * N pass 2^31 in long prefills
@@ -170,7 +177,20 @@ def _bipolar_a16_kernel(
         for kk in range(kk_start, kk_stop, BLOCK_K):
             in_group = (kk + offs_k) < GROUP_K
             k = g * GROUP_K + kk + offs_k
-            if W_LEVELS:
+            if GEMV_WORDS:
+                words_NW = load_code_words(
+                    w_ptr,
+                    g * GROUP_K + kk,
+                    (g + 1) * GROUP_K,
+                    offs_n,
+                    n_mask,
+                    stride_wn,
+                    W_BITS,
+                    EVEN_K,
+                    BLOCK_K,
+                )
+                level_KN = tl.trans(scaled_code_levels(words_NW, BLOCK_N, BLOCK_K, W_BITS))
+            elif W_LEVELS:
                 level_KN = tl.load(
                     # int64 rows: an expanded weight passes 2^31 elements from N * K = 2^31.
                     w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + k[:, None],
@@ -227,6 +247,9 @@ def _bipolar_a16_kernel(
                     )
                 else:
                     acc = tl.dot(x_MK, level_KN.to(x_ptr.dtype.element_ty), acc)
+        if GEMV_WORDS:
+            # Exact: the products and sums scaled by 2^(j * W) rescale bit for bit.
+            partial_KN *= code_level_unscale(BLOCK_K, W_BITS)[:, None]
         if BLOCK_M == 1:
             acc = tl.sum(partial_KN, axis=0)[None, :]
         w_scale = tl.load(w_scale_ptr + offs_n * NUM_GROUPS + g, mask=n_mask, other=0.0)
@@ -265,7 +288,7 @@ def bipolar_linear_a16(
 ) -> torch.Tensor:
     """``x @ dequantize(weight)^T (+ bias)`` for float x [M, K]; output [M, N] in x's dtype.
 
-    ``expand_weight`` forces (True) or forbids (False) expanding the planes to levels in
+    ``expand_weight`` forces (True) or forbids (False) expanding the weight to levels in
     x's dtype before the matmul; None expands from ``triton_expand.EXPAND_MIN_M`` rows on.
     """
     if x.dim() != 2 or not x.is_contiguous():
@@ -278,9 +301,9 @@ def bipolar_linear_a16(
         raise ValueError(
             f"K mismatch: x is {tuple(x.shape)}, the weight has K={weight.in_features}"
         )
-    planes = weight.planes
-    if not planes.is_contiguous() or not weight.scales.is_contiguous():
-        raise ValueError("the packed weight's planes and scales must be contiguous")
+    data = weight.data
+    if not data.is_contiguous() or not weight.scales.is_contiguous():
+        raise ValueError("the packed weight's data and scales must be contiguous")
     if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_contiguous()):
         raise ValueError(f"bias must be a contiguous ({n},) tensor")
     out = torch.empty((m, n), dtype=store_dtype(x.dtype), device=x.device)
@@ -291,10 +314,12 @@ def bipolar_linear_a16(
     if expand_weight is None:
         expand_weight = m >= triton_expand.EXPAND_MIN_M
     if expand_weight:
-        w = triton_expand.expand_weight_levels(planes, weight.bits, k, x.dtype)
+        w = triton_expand.expand_weight_levels(data, weight.bits, k, x.dtype)
         stride_wplane, stride_wn = 0, w.stride(0)
+    elif weight.layout is WeightLayout.CODE_WORDS:
+        w, stride_wplane, stride_wn = data, 0, data.stride(0)
     else:
-        w, (stride_wplane, stride_wn) = planes, planes.stride()[:2]
+        w, (stride_wplane, stride_wn) = data, data.stride()[:2]
     rows_bucket = m_bucket(m)
     if rows_bucket <= SPLIT_K_MAX_M:
         # The split-K tiles' partials and arrival counters; a split tile's pre-launch hook

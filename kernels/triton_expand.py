@@ -83,20 +83,24 @@ def _expand_weight_kernel(
     )
 
 
-def _expand(planes: torch.Tensor, bits: int, k: int, dtype: torch.dtype) -> torch.Tensor:
-    assert planes.dtype == torch.uint8 and planes.is_contiguous(), "launchers pass packed planes"
-    assert planes.shape[0] == bits and planes.shape[2] == (k + 7) // 8
-    n = planes.shape[1]
-    out = torch.empty((n, k), dtype=store_dtype(dtype), device=planes.device)
+def _expand(data: torch.Tensor, bits: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    assert data.is_contiguous(), "launchers pass contiguous packed weights"
+    if data.dtype == torch.uint8:
+        assert data.shape[0] == bits and data.shape[2] == (k + 7) // 8, "bit planes"
+        n, stride_wplane, stride_wn = data.shape[1], data.stride(0), data.stride(1)
+    else:
+        assert data.dtype == torch.int32 and data.shape[1] == cdiv(k, 32 // bits), "code words"
+        n, stride_wplane, stride_wn = data.shape[0], 0, data.stride(0)
+    out = torch.empty((n, k), dtype=store_dtype(dtype), device=data.device)
     block_n, block_k = _EXPAND_TILE
     if n and k:
         _expand_weight_kernel[(cdiv(n, block_n), cdiv(k, block_k))](
-            planes,
+            data,
             out,
             n,
             k,
-            planes.stride(0),
-            planes.stride(1),
+            stride_wplane,
+            stride_wn,
             W_BITS=bits,
             LEVELS=dtype != torch.int8,
             EVEN_K=k % block_k == 0,
@@ -112,9 +116,8 @@ def expand_weight_codes(planes: torch.Tensor, bits: int, k: int) -> torch.Tensor
     return _expand(planes, bits, k, torch.int8)
 
 
-def expand_weight_levels(
-    planes: torch.Tensor, bits: int, k: int, dtype: torch.dtype
-) -> torch.Tensor:
+def expand_weight_levels(data: torch.Tensor, bits: int, k: int, dtype: torch.dtype) -> torch.Tensor:
     """[N, K] bipolar levels 2U - (2^bits - 1) in ``dtype`` (odd integers up to 255,
-    exact in bf16, fp16 and fp32) of the bit planes uint8 [bits, N, ceil(K/8)]."""
-    return _expand(planes, bits, k, dtype)
+    exact in bf16, fp16 and fp32) of the bit planes uint8 [bits, N, ceil(K/8)] or the
+    code words int32 [N, ceil(K / (32 // bits))]."""
+    return _expand(data, bits, k, dtype)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from bitscale.kernels import BipolarLinear, bipolar_mm_int, pack_bitplanes, quantize
+from bitscale.kernels.config import FLOAT_ACTIVATION_BITS, WeightLayout, weight_layout
 from bitscale.kernels.dispatch import linear_packed
 from bitscale.kernels.reference import centred_codes, pack_weight
 from torch import nn
@@ -207,21 +208,31 @@ def _gpu_compare(
 def test_gpu_weight_only_linear(
     benchmark, bench_compare: Callable, limits, quick: bool, w_bits: int, nk, m: int
 ) -> None:
+    """The layout BipolarLinear packs (code words at 2, 4 and 8 bits), against bf16 and,
+    where it is not bit planes, against bit planes in the same run."""
     n, k = nk
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     weight_bf16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-    packed = pack_weight(quantize(weight_bf16.float(), w_bits, method="absmax"))
+    quantized = quantize(weight_bf16.float(), w_bits, method="absmax")
+    layout = weight_layout(w_bits, FLOAT_ACTIVATION_BITS, None)
+    packed = pack_weight(quantized, layout=layout)
+    baselines = {"torch.matmul bf16": lambda: x @ weight_bf16.t()}
+    if layout is not WeightLayout.BITPLANES:
+        planes = pack_weight(quantized)
+        baselines["bit planes"] = lambda: linear_packed(x, planes, backend="triton")
     _gpu_compare(
         benchmark,
         bench_compare,
         limits,
         quick,
         lambda: linear_packed(x, packed, backend="triton"),
-        {"torch.matmul bf16": lambda: x @ weight_bf16.t()},
+        baselines,
         m=m,
         n=n,
         k=k,
-        bytes_moved=packed.planes.numel() + packed.scales.numel() * 4 + (m * k + m * n) * 2,
+        bytes_moved=packed.data.numel() * packed.data.element_size()
+        + packed.scales.numel() * 4
+        + (m * k + m * n) * 2,
         compute="bf16",
         series=f"W{w_bits}A16",
     )
@@ -255,7 +266,7 @@ def test_gpu_int8_activation_linear(
         m=m,
         n=n,
         k=k,
-        bytes_moved=packed.planes.numel() + packed.scales.numel() * 4 + (m * k + m * n) * 2,
+        bytes_moved=packed.data.numel() + packed.scales.numel() * 4 + (m * k + m * n) * 2,
         compute="int8",
         series=f"W{w_bits}A8",
     )
@@ -319,14 +330,18 @@ def test_gpu_bitplane_vs_one_int8_dot(
 def test_gpu_expanded_weight_crossover(
     benchmark, bench_compare: Callable, limits, quick: bool, a_bits: int, w_bits: int, m: int
 ) -> None:
-    """Where expanding the planes once per call (triton_expand) beats unpacking them in
-    every 128-row band: places EXPAND_MIN_M. Both paths include the expansion's cost."""
+    """Where expanding the weight once per call (triton_expand) beats unpacking it in
+    every 128-row band: places EXPAND_MIN_M. Both paths include the expansion's cost.
+    The weight is packed as BipolarLinear packs it: code words for W4A16, planes for A8."""
     from bitscale.kernels.triton_a16 import bipolar_linear_a16
     from bitscale.kernels.triton_gemm import bipolar_gemm, quantize_activations
 
     n = k = 4096
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    packed = pack_weight(quantize(torch.randn(n, k, device="cuda"), w_bits, method="absmax"))
+    packed = pack_weight(
+        quantize(torch.randn(n, k, device="cuda"), w_bits, method="absmax"),
+        layout=weight_layout(w_bits, a_bits, None),  # what BipolarLinear packs
+    )
     if a_bits == 16:
 
         def run(expand_weight: bool) -> torch.Tensor:
@@ -339,7 +354,7 @@ def test_gpu_expanded_weight_crossover(
             return bipolar_gemm(
                 x_centred,
                 x_rowsums,
-                packed.planes,
+                packed.data,
                 packed.centred_rowsums,
                 a_bits=a_bits,
                 w_bits=w_bits,
@@ -361,11 +376,11 @@ def test_gpu_expanded_weight_crossover(
         limits,
         quick,
         lambda: run(True),
-        {"planes in the K loop": lambda: run(False)},
+        {"unpacked in the K loop": lambda: run(False)},
         m=m,
         n=n,
         k=k,
-        bytes_moved=packed.planes.numel() + (m * k + m * n) * 2,
+        bytes_moved=packed.data.numel() + (m * k + m * n) * 2,
         compute="bf16" if a_bits == 16 else "int8",
         series=f"W{w_bits}A{a_bits} expanded",
     )

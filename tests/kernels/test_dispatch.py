@@ -14,7 +14,8 @@ from bitscale.kernels import (
     kernel_status,
     quantize,
 )
-from bitscale.kernels.dispatch import KernelMode, _triton_module, resolve_backend
+from bitscale.kernels.dispatch import KernelMode, _triton_module, linear_packed, resolve_backend
+from bitscale.kernels.reference import pack_weight
 
 CPU = torch.device("cpu")
 
@@ -109,6 +110,16 @@ def test_linear_validation() -> None:
         bipolar_linear(x, w, a_bits=12)
     with pytest.raises(ValueError, match="method must be one of"):
         bipolar_linear(x, w, a_bits=4, activation_method="minmax")
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_quantized_activations_refuse_code_words(backend: str) -> None:
+    w = quantize(torch.randn(6, 16), 4)
+    words = pack_weight(w, layout="code_words")
+    x = torch.randn(3, 16)
+    with pytest.raises(ValueError, match=r"a_bits=8.*pack it with layout='bitplanes'"):
+        linear_packed(x, words, a_bits=8, backend=backend)
+    assert torch.equal(linear_packed(x, words, backend="reference"), x @ dequantize(w).t())
 
 
 def test_bitplane_backend_is_for_mm_int_only(monkeypatch: pytest.MonkeyPatch) -> None:

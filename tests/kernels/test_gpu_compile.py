@@ -28,8 +28,8 @@ _ALIGNED_INTS = frozenset(
 
 
 def _compile_all() -> list[str]:
-    """Compile every autotune tile of every kernel for sm_90, on bit planes and on
-    expanded weights, and each constexpr specialization a launcher can pick (output
+    """Compile every autotune tile of every kernel for sm_90, on bit planes, code words
+    and expanded weights, and each constexpr specialization a launcher can pick (output
     dtypes, int64 recovery and accumulation, float32 dots, 1 and 8 bits, the per-code
     unpack) for sm_90 and sm_80, and for odd shapes. Returns one ``kernel[label]`` line
     per build."""
@@ -257,6 +257,30 @@ def _compile_all() -> list[str]:
             targets=both,
             odd_shapes=byte_aligned,
         )
+    # Weight-only 2-, 4- and 8-bit layers pack code words (WeightLayout.CODE_WORDS): the
+    # GEMV tiles decode them with scaled levels, the others unpack their codes.
+    sweep(
+        triton_a16._bipolar_a16_kernel,
+        {**a16_signature("*bf16"), "w_ptr": "*i32"},
+        a16_flags(4),
+        triton_a16._A16_TILES + triton_a16._A16_SPLIT_K_TILES,
+        " code words",
+    )
+    for x_dtype, w_bits, tile in (
+        ("*fp16", 2, (1, 32, 256, 4, 3)),
+        ("*fp32", 8, (1, 32, 256, 4, 3)),
+        ("*fp16", 8, (16, 32, 128, 4, 4)),
+        ("*bf16", 2, (16, 32, 128, 4, 4)),
+    ):
+        build(
+            triton_a16._bipolar_a16_kernel,
+            {**a16_signature(x_dtype), "w_ptr": "*i32"},
+            a16_flags(w_bits, fp32=x_dtype == "*fp32") | {"M": 1, "M_BUCKET": 1},
+            f"w{w_bits} {x_dtype[1:]} code words",
+            tile=tile,
+            targets=both,
+            odd_shapes=True,
+        )
     sweep(
         triton_a16._bipolar_a16_kernel,
         {**a16_signature("*bf16"), "w_ptr": "*bf16"},
@@ -281,10 +305,19 @@ def _compile_all() -> list[str]:
         **plane_strides,
     }
     block_n, block_k = triton_expand._EXPAND_TILE
-    for w_bits, out in ((1, "*i8"), (5, "*i8"), (4, "*bf16"), (8, "*fp16"), (3, "*fp32")):
+    for w_bits, weight, out in (
+        (1, "*u8", "*i8"),
+        (5, "*u8", "*i8"),
+        (4, "*u8", "*bf16"),
+        (8, "*u8", "*fp16"),
+        (3, "*u8", "*fp32"),
+        (4, "*i32", "*bf16"),
+        (2, "*i32", "*fp16"),
+        (8, "*i32", "*fp32"),
+    ):
         build(
             triton_expand._expand_weight_kernel,
-            {**expand_signature, "out_ptr": out},
+            {**expand_signature, "w_ptr": weight, "out_ptr": out},
             {
                 "W_BITS": w_bits,
                 "LEVELS": out != "*i8",
@@ -292,7 +325,7 @@ def _compile_all() -> list[str]:
                 "BLOCK_N": block_n,
                 "BLOCK_K": block_k,
             },
-            f"w{w_bits} {out[1:]}",
+            f"w{w_bits} {out[1:]}{' code words' if weight == '*i32' else ''}",
             tile=(16, block_n, block_k, 4, 3),  # the launch defaults: 4 warps, 3 stages
             targets=both,
             odd_shapes=True,
@@ -336,8 +369,9 @@ def _compile_all() -> list[str]:
 def test_every_kernel_compiles_for_sm90() -> None:
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    # With a cold Triton cache the 251 builds took ~4 min on this machine's 2 cores.
     result = subprocess.run(
-        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=420
+        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-4000:]
     built = result.stdout.splitlines()
@@ -349,11 +383,11 @@ def test_every_kernel_compiles_for_sm90() -> None:
         "_bipolar_bitplane_kernel",
         "_expand_weight_kernel",
     }
-    # every autotune config (split-K too), on planes and on expanded weights, grouped and
-    # ungrouped
-    assert sum("tile" in line for line in built) == 2 * 2 * (12 + 15 + 4) + 3
-    assert sum("sm_80" in line for line in built) == 22
-    assert sum("odd shapes" in line for line in built) == 21
+    # every autotune config (split-K too), on planes, code words (A16) and expanded
+    # weights, grouped and ungrouped
+    assert sum("tile" in line for line in built) == 2 * 2 * (12 + 15 + 4) + 2 * 19 + 3
+    assert sum("sm_80" in line for line in built) == 22 + 7
+    assert sum("odd shapes" in line for line in built) == 21 + 7
 
 
 if __name__ == "__main__":

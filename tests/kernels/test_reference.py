@@ -7,8 +7,23 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from bitscale.kernels import Backend, bipolar_mm_int
-from bitscale.kernels.reference import _fp32_matmul_is_exact, bipolar_mm_int_reference
+from bitscale.kernels import Backend, bipolar_mm_int, dequantize, quantize
+from bitscale.kernels.config import (
+    CODE_WORD_BITS,
+    FLOAT_ACTIVATION_BITS,
+    WeightLayout,
+    weight_layout,
+)
+from bitscale.kernels.reference import (
+    _fp32_matmul_is_exact,
+    bipolar_mm_int_reference,
+    dequantize_packed,
+    pack_code_words,
+    pack_weight,
+    unpack_code_words,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 WIDTH_PAIRS = list(itertools.product(range(1, 9), repeat=2))
 
@@ -102,3 +117,58 @@ def test_mm_validation() -> None:
         bipolar_mm_int(x_codes, w_codes, a_bits=2, w_bits=0)
     with pytest.raises(ValueError, match="backend must be one of"):
         bipolar_mm_int(x_codes, w_codes, a_bits=2, w_bits=2, backend="cuda")
+
+
+@given(
+    bits=st.sampled_from(CODE_WORD_BITS),
+    rows=st.integers(0, 3),
+    k=st.integers(0, 70),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=60, deadline=None)
+def test_code_words_round_trip(bits: int, rows: int, k: int, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (rows, k), dtype=torch.uint8, generator=generator)
+    words = pack_code_words(codes, bits)
+    assert words.dtype == torch.int32 and words.shape == (rows, -(-k // (32 // bits)))
+    assert torch.equal(unpack_code_words(words, bits, k), codes)
+
+
+def test_code_word_layout() -> None:
+    """Code c of a word in bits c * w and up, K order; a partial last word zero-padded."""
+    codes = torch.arange(1, 10, dtype=torch.uint8)[None, :]  # W4: 9 codes, two words
+    words = pack_code_words(codes, 4).view(torch.uint32).tolist()
+    assert words == [[0x87654321, 0x9]]
+    assert pack_code_words(torch.tensor([[3, 0, 2, 1]], dtype=torch.uint8), 2).tolist() == [
+        [3 | 2 << 4 | 1 << 6]
+    ]
+    assert pack_code_words(torch.tensor([[255, 1]], dtype=torch.uint8), 8).tolist() == [[0x1FF]]
+
+
+@pytest.mark.parametrize(("bits", "group_size"), [(2, None), (4, 8), (8, 4), (3, None), (4, 12)])
+def test_packed_weights_dequantize_like_the_tensor(bits: int, group_size: int | None) -> None:
+    w = quantize(
+        torch.randn(5, 24, generator=torch.Generator().manual_seed(bits)),
+        bits,
+        group_size=group_size,
+    )
+    layouts = [WeightLayout.BITPLANES]
+    if weight_layout(bits, FLOAT_ACTIVATION_BITS, group_size) is WeightLayout.CODE_WORDS:
+        layouts.append(WeightLayout.CODE_WORDS)
+    for layout in layouts:
+        packed = pack_weight(w, layout=layout)
+        assert packed.layout is layout and packed.out_features == 5
+        data = (packed.data, packed.scales, bits, 24, group_size, layout)
+        assert torch.equal(dequantize_packed(*data), dequantize(w))
+
+
+def test_code_words_refuse_widths_and_groups_they_cannot_hold() -> None:
+    assert weight_layout(4, FLOAT_ACTIVATION_BITS, 24) is WeightLayout.CODE_WORDS
+    assert weight_layout(4, FLOAT_ACTIVATION_BITS, 12) is WeightLayout.BITPLANES
+    assert weight_layout(4, 8, None) is WeightLayout.BITPLANES
+    with pytest.raises(ValueError, match="3 bits, group_size=None: pack bit planes instead"):
+        pack_weight(quantize(torch.randn(4, 16), 3), layout="code_words")
+    with pytest.raises(ValueError, match="group_size=12"):
+        pack_weight(quantize(torch.randn(4, 24), 4, group_size=12), layout="code_words")
+    with pytest.raises(ValueError, match="got bits=3"):
+        pack_code_words(torch.zeros(2, 8, dtype=torch.uint8), 3)

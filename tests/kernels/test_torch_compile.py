@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 from bitscale.kernels import BipolarLinear, bipolar_linear, dequantize, dispatch, quantize
+from bitscale.kernels.config import WeightLayout, weight_layout
 from bitscale.kernels.reference import pack_weight
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -143,15 +144,22 @@ def test_quantized_mlp_compiles_with_inductor() -> None:
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize(("a_bits", "method"), [(16, "absmax"), (8, "absmax"), (4, "meanabs")])
-def test_triton_linear_op_passes_opcheck(a_bits: int, method: str) -> None:
+@pytest.mark.parametrize(
+    ("w_bits", "a_bits", "method"),
+    [(3, 16, "absmax"), (4, 16, "absmax"), (3, 8, "absmax"), (3, 4, "meanabs")],
+)
+def test_triton_linear_op_passes_opcheck(w_bits: int, a_bits: int, method: str) -> None:
+    """The op, its fake (the output's N from either layout) and its straight-through
+    backward, on bit planes and (W4A16) code words."""
     generator = torch.Generator().manual_seed(0)
-    packed = pack_weight(quantize(torch.randn(24, 48, generator=generator), 3, group_size=16))
+    w = quantize(torch.randn(24, 48, generator=generator), w_bits, group_size=16)
+    packed = pack_weight(w, layout=weight_layout(w_bits, a_bits, 16))
+    assert (packed.layout is WeightLayout.CODE_WORDS) == (w_bits == 4)
     rows = torch.randn(5, 48, generator=generator, requires_grad=True)
     bias = torch.randn(24, generator=generator, requires_grad=True)
     args = (
         rows,
-        packed.planes,
+        packed.data,
         packed.scales,
         packed.centred_rowsums,
         bias,
@@ -160,6 +168,7 @@ def test_triton_linear_op_passes_opcheck(a_bits: int, method: str) -> None:
         packed.group_size,
         a_bits,
         method,
+        packed.layout.value,
     )
     torch.library.opcheck(torch.ops.bitscale.triton_linear_packed.default, args)
 

@@ -21,6 +21,8 @@ from bitscale.kernels import (
     pack_bitplanes,
     quantize,
 )
+from bitscale.kernels.config import WeightLayout
+from bitscale.kernels.dispatch import linear_packed
 from bitscale.kernels.reference import bipolar_mm_int_reference, centred_codes, pack_weight
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -383,6 +385,59 @@ def test_one_bit_gemv_sign_flips_equal_the_level_products(
     assert signs.abs().sum() > 0
 
 
+_CODE_WORD_TILES = {
+    "gemv": (1, 16, 32, 4, 3),
+    "gemv-split3": (1, 16, 32, 4, 3, 3),
+    "dot": (16, 16, 32, 4, 3),
+    "expanded": (16, 16, 32, 4, 3),
+}
+
+
+@pytest.mark.parametrize("tile", list(_CODE_WORD_TILES))
+@pytest.mark.parametrize(("group_size", "k"), [(None, 96), (None, 77), (16, 96), (32, 160)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("w_bits", [2, 4, 8])
+def test_a16_on_code_words_matches_bit_planes(
+    w_bits: int,
+    dtype: torch.dtype,
+    group_size: int | None,
+    k: int,
+    tile: str,
+    monkeypatch: pytest.MonkeyPatch,
+    fp32_error_bound: Callable,
+) -> None:
+    """Code words (what weight-only 2/4/8-bit layers pack) against the bit planes of the
+    same weight, on each forced tile: the GEMV's levels scaled by 2^(j * w), undone once
+    per group, the split-K GEMV, the 16-row dot and the expanded weight. Their products
+    and sums are the planes' bit for bit (powers of two rescale exactly); on a GPU the two
+    builds may reduce across threads in another order, so there only the float32 bound of
+    the oracle holds. K = 77 ends mid-word; groups of 16 are one W2 word, split-K shares
+    them between programs."""
+    from bitscale.kernels import triton_a16
+    from bitscale.kernels._triton_common import tile_config
+
+    monkeypatch.setattr(
+        triton_a16._bipolar_a16_kernel, "configs", [tile_config(_CODE_WORD_TILES[tile])]
+    )
+    generator = torch.Generator().manual_seed(w_bits + k)
+    rows = 1 if tile.startswith("gemv") else 3
+    x = torch.randn(rows, k, generator=generator).to(dtype)
+    x[0, 5] = 0.0
+    w = quantize(torch.randn(33, k, generator=generator), w_bits, group_size=group_size)
+    words = pack_weight(w.to(DEVICE), layout=WeightLayout.CODE_WORDS)
+    planes = pack_weight(w.to(DEVICE))
+    expand = tile == "expanded"
+    out = triton_a16.bipolar_linear_a16(x.to(DEVICE), words, expand_weight=expand)
+    if DEVICE == "cpu":
+        expected = triton_a16.bipolar_linear_a16(x, planes, expand_weight=expand)
+        assert torch.equal(out, expected)
+    w_dequantized = dequantize(w)
+    oracle = _oracle_linear(x.float(), w_dequantized, None)
+    unit = 0.0 if dtype == torch.float32 else 2.0**-8
+    bound = fp32_error_bound(x.float(), w_dequantized) + oracle.abs() * unit
+    assert ((out.cpu().double() - oracle).abs() <= bound).all()
+
+
 def test_a16_autotune_candidates_by_rows() -> None:
     """GEMV tiles only at M = 1; split-K tiles only up to SPLIT_K_MAX_M rows, where the
     launcher allocates their workspace."""
@@ -502,7 +557,7 @@ def test_launcher_validation() -> None:
     packed = pack_weight(w)
     x_centred = centred_codes(x_codes, 4)
     rowsums = x_centred.sum(1, dtype=torch.int32)[:, None]
-    args = (x_centred, rowsums, packed.planes, packed.centred_rowsums)
+    args = (x_centred, rowsums, packed.data, packed.centred_rowsums)
     with pytest.raises(ValueError, match=r"x_centred must be torch\.int8"):
         bipolar_gemm(x_codes, *args[1:], a_bits=4, w_bits=4, k=64, group_k=64)
     with pytest.raises(ValueError, match="w_planes must have shape"):
@@ -654,9 +709,9 @@ def _gpu_tiles() -> list:
 def test_gpu_every_tile(
     module: str, tile: tuple, monkeypatch: pytest.MonkeyPatch, fp32_error_bound: Callable
 ) -> None:
-    """Each tile forced in turn (autotune elsewhere runs only the tile it picks), on planes
-    and on expanded weights: M = 300 and N = 260 cross the 128- and 256-wide tiles; the
-    split-K tiles, offered up to 16 rows, run M = 13."""
+    """Each tile forced in turn (autotune elsewhere runs only the tile it picks), on planes,
+    code words (A16) and expanded weights: M = 300 and N = 260 cross the 128- and
+    256-wide tiles; the split-K tiles, offered up to 16 rows, run M = 13."""
     from bitscale.kernels import triton_a16, triton_gemm
     from bitscale.kernels._triton_common import tile_config
 
@@ -685,16 +740,35 @@ def test_gpu_every_tile(
         generator = torch.Generator().manual_seed(7)
         rows = 13 if "SPLIT_K" in config.kwargs else 300
         x = torch.randn(rows, 1024, generator=generator).to(torch.bfloat16)
-        w = quantize(torch.randn(260, 1024, generator=generator), 3, group_size=128)
-        w_dequantized = dequantize(w)
-        expected = _oracle_linear(x.float(), w_dequantized, None)
-        bound = fp32_error_bound(x.float(), w_dequantized) + expected.abs() * 2.0**-8
-        for expand_weight in (False, True):
-            out = triton_a16.bipolar_linear_a16(
-                x.cuda(), pack_weight(w.to("cuda")), expand_weight=expand_weight
-            )
-            error = (out.cpu().double() - expected).abs()
-            assert (error <= bound).all(), (expand_weight, (error - bound).max())
+        for bits, layout in ((3, WeightLayout.BITPLANES), (4, WeightLayout.CODE_WORDS)):
+            w = quantize(torch.randn(260, 1024, generator=generator), bits, group_size=128)
+            w_dequantized = dequantize(w)
+            expected = _oracle_linear(x.float(), w_dequantized, None)
+            bound = fp32_error_bound(x.float(), w_dequantized) + expected.abs() * 2.0**-8
+            packed = pack_weight(w.to("cuda"), layout=layout)
+            for expand_weight in (False, True):
+                out = triton_a16.bipolar_linear_a16(x.cuda(), packed, expand_weight=expand_weight)
+                error = (out.cpu().double() - expected).abs()
+                assert (error <= bound).all(), (layout, expand_weight, (error - bound).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group_size", [None, 128])
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("w_bits", [2, 4, 8])
+def test_gpu_decode_on_code_words(
+    w_bits: int, m: int, group_size: int | None, fp32_error_bound: Callable
+) -> None:
+    """Weight-only decode as BipolarLinear packs it (code words), autotuned, at K = 4096."""
+    generator = torch.Generator().manual_seed(w_bits + m)
+    x = torch.randn(m, 4096, generator=generator).to(torch.bfloat16)
+    w = quantize(torch.randn(512, 4096, generator=generator), w_bits, group_size=group_size)
+    packed = pack_weight(w.to("cuda"), layout=WeightLayout.CODE_WORDS)
+    out = linear_packed(x.cuda(), packed, backend="triton")
+    w_dequantized = dequantize(w)
+    expected = _oracle_linear(x.float(), w_dequantized, None)
+    bound = fp32_error_bound(x.float(), w_dequantized) + expected.abs() * 2.0**-8
+    assert ((out.cpu().double() - expected).abs() <= bound).all()
 
 
 @pytest.mark.gpu
