@@ -12,12 +12,13 @@
 # seconds: TEST_SECONDS (default 150) and BENCH_SECONDS (default 300, all chunks
 # together); with the install and `bitscale env` the whole script stays under 8 minutes.
 # On the H100 (2026-11-26) the gpu tests took 120 s on 14 workers, and the benchmark
-# chunks 50-140 s each (autotune compiles every tile of each new shape).
+# chunks 50-140 s each (autotune compiles every tile of each new shape). The A16 tests
+# on code words (2026-11-27) add every A16 tile again, hence a 180 s box.
 set -u -o pipefail
 
 out=${OUT:-runs/gpu-check}
 python=${PYTHON:-python3}
-test_seconds=${TEST_SECONDS:-150}
+test_seconds=${TEST_SECONDS:-180}
 bench_seconds=${BENCH_SECONDS:-300}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
