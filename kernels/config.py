@@ -67,25 +67,21 @@ class WeightLayout(StrEnum):
     width, and what the integer GEMM unpacks to int8 codes."""
     CODE_WORDS = "code_words"
     """int32 [N, ceil(K / (32 // bits))]: codes along K, 32 // bits to a word, code c of
-    a word in bits c * bits and up; widths 2, 4 and 8. The float-activation decode
-    kernel turns a code into a float level with one masking LOP3 and one FADD, where
-    bit planes gather its bits first: 4.4 against 8.6 SASS instructions per W4 code in
-    the (1, 32, 256) GEMV's K loop (scripts/sass_stats.py, Triton 3.9)."""
+    a word in bits c * bits and up; widths 2, 4 and 8. A code comes out with a constant
+    shift and mask where bit planes gather its bits first, and the float-activation
+    decode kernel turns it into a float level with one masking LOP3 and one FADD: 4.4
+    against 8.6 SASS instructions per W4 code in the (1, 32, 256) GEMV's K loop, 6.7
+    against 11.0 in the integer GEMM's (16, 32, 128) (scripts/sass_stats.py, Triton 3.9)."""
 
 
 CODE_WORD_BITS = (2, 4, 8)
 """Widths with a :attr:`WeightLayout.CODE_WORDS` layout: those that tile a 32-bit word."""
 
 
-def weight_layout(w_bits: int, a_bits: int, group_size: int | None) -> WeightLayout:
-    """The layout weight-only (``a_bits=16``) layers pack into: code words where the
-    width tiles a word and every K-group starts on a word, bit planes otherwise (and
-    for quantized activations, whose integer GEMM reads planes)."""
-    if (
-        a_bits == FLOAT_ACTIVATION_BITS
-        and w_bits in CODE_WORD_BITS
-        and (group_size is None or group_size % (32 // w_bits) == 0)
-    ):
+def weight_layout(w_bits: int, group_size: int | None) -> WeightLayout:
+    """The layout layers pack into: code words where the width tiles a word and every
+    K-group starts on a word, bit planes otherwise."""
+    if w_bits in CODE_WORD_BITS and (group_size is None or group_size % (32 // w_bits) == 0):
         return WeightLayout.CODE_WORDS
     return WeightLayout.BITPLANES
 

@@ -315,11 +315,6 @@ def linear_packed(
     check_activation_bits(a_bits)
     activation_method = parse_method(activation_method)
     check_linear_inputs(x, weight.in_features, weight.out_features, bias)
-    if a_bits != FLOAT_ACTIVATION_BITS and weight.layout is not WeightLayout.BITPLANES:
-        raise ValueError(
-            f"quantized activations (a_bits={a_bits}) run on a bit-plane weight, got "
-            f"{weight.layout.value}: pack it with layout='bitplanes'"
-        )
     if x.device != weight.data.device:
         raise ValueError(f"x is on {x.device} but the weight on {weight.data.device}")
     chosen = resolve_backend(backend, x.device)
@@ -411,7 +406,7 @@ def bipolar_linear(
         )
     return linear_packed(
         x,
-        pack_weight(w, layout=weight_layout(w.bits, a_bits, w.group_size)),
+        pack_weight(w, layout=weight_layout(w.bits, w.group_size)),
         a_bits=a_bits,
         activation_method=activation_method,
         bias=bias,

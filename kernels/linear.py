@@ -4,9 +4,9 @@ Training keeps float master weights and fake-quantizes weights (and, for
 ``a_bits <= 8``, activations) in the forward pass with a straight-through
 estimator, so gradients reach the master weights as if quantization were the
 identity (quantization-aware training). Eval quantizes the master weights once
-(cached until they change), packs them in the layout their kernel reads (code
-words for weight-only 2-, 4- and 8-bit layers, bit planes otherwise: see
-``WeightLayout``) and runs them through the dispatched kernel.
+(cached until they change), packs them (code words for 2-, 4- and 8-bit weights,
+bit planes otherwise: see ``WeightLayout``) and runs them through the dispatched
+kernel.
 
 ``eval()`` always re-packs from the current weights. Between calls, eager forwards
 re-pack when the weight's version counter, storage, device or dtype changed;
@@ -154,7 +154,7 @@ class BipolarLinear(nn.Module):
                 group_size=self.config.group_size,
                 method=self.config.method,
             )
-            layout = weight_layout(self.config.w_bits, self.config.a_bits, self.config.group_size)
+            layout = weight_layout(self.config.w_bits, self.config.group_size)
             self._packed = pack_weight(quantized, layout=layout)
             self._dequantized = None
             self._packed_key = key

@@ -185,8 +185,8 @@ def pack_weight(
     w: BipolarTensor, *, layout: WeightLayout | str = WeightLayout.BITPLANES
 ) -> PackedWeight:
     """Kernel layout of a 2-d weight quantized along K (its last axis): bit planes, or
-    code words (:class:`~bitscale.kernels.config.WeightLayout`) for the float-activation
-    kernels, where ``weight_layout`` allows them."""
+    code words (:class:`~bitscale.kernels.config.WeightLayout`) where ``weight_layout``
+    allows them."""
     if not isinstance(w, BipolarTensor):
         raise TypeError(f"the weight must be a BipolarTensor, got {type(w).__name__}")
     if w.codes.dim() != 2 or w.axis != 1:
@@ -198,8 +198,7 @@ def pack_weight(
     n, k = w.shape
     if (
         layout is WeightLayout.CODE_WORDS
-        and weight_layout(w.bits, FLOAT_ACTIVATION_BITS, w.group_size)
-        is not WeightLayout.CODE_WORDS
+        and weight_layout(w.bits, w.group_size) is not WeightLayout.CODE_WORDS
     ):
         raise ValueError(
             f"code words hold {', '.join(map(str, CODE_WORD_BITS))}-bit weights whose "

@@ -110,10 +110,11 @@ def _expand(data: torch.Tensor, bits: int, k: int, dtype: torch.dtype) -> torch.
     return out.to(dtype)
 
 
-def expand_weight_codes(planes: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+def expand_weight_codes(data: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     """int8 [N, K] signed-centred codes T = U - 2^(bits-1) of the bit planes uint8
-    [bits, N, ceil(K/8)] (the kernels' own layout, checked by their launchers)."""
-    return _expand(planes, bits, k, torch.int8)
+    [bits, N, ceil(K/8)] or the code words int32 [N, ceil(K / (32 // bits))] (the
+    kernels' own layouts, checked by their launchers)."""
+    return _expand(data, bits, k, torch.int8)
 
 
 def expand_weight_levels(data: torch.Tensor, bits: int, k: int, dtype: torch.dtype) -> torch.Tensor:

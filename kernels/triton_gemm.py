@@ -7,7 +7,8 @@ the kernels are decorated, at import.
 Shape legend: M rows of activations (tokens), N output channels, K the
 reduction, G the K-group length (``group_k``; K when ungrouped), NG = K / G.
 Activations arrive as signed-centred codes S = Ux - 2^(a-1) (int8 [M, K]),
-weights as w bit planes (uint8 [w, N, ceil(K/8)]); per group g,
+weights as w bit planes (uint8 [w, N, ceil(K/8)]) or code words (int32
+[N, ceil(K / (32 // w))], WeightLayout.CODE_WORDS); per group g,
 
     Y_g = 4 * S_g @ T_g^T + 2 * rowsum(S_g) 1^T + 2 * 1 rowsum(T_g)^T + G
 
@@ -28,6 +29,7 @@ from bitscale.kernels._triton_common import (
     TILE_GROUP_ROWS,
     autotune_configs,
     byte_aligned,
+    cdiv,
     even_k,
     m_bucket,
     store_dtype,
@@ -35,6 +37,7 @@ from bitscale.kernels._triton_common import (
     tile_of_program,
     unpack_weight_codes,
 )
+from bitscale.kernels.config import CODE_WORD_BITS
 
 __all__ = ["INTERPRETED", "bipolar_gemm", "quantize_activations"]
 
@@ -190,7 +193,7 @@ def _require(tensor: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple[i
 def bipolar_gemm(
     x_centred: torch.Tensor,
     x_rowsums: torch.Tensor,
-    w_planes: torch.Tensor,
+    w_packed: torch.Tensor,
     w_rowsums: torch.Tensor,
     *,
     a_bits: int,
@@ -210,18 +213,31 @@ def bipolar_gemm(
     group, ``group_k == k``); with ``x_scales`` [M, NG] and ``w_scales`` [N, NG]
     (float32) it is the scaled float output in ``out_dtype``, plus ``bias``.
     ``accumulate_int64`` forces (True) or forbids (False) the int64 tile
-    accumulator; None picks it only when int32 could overflow. ``expand_weight``
-    forces (True) or forbids (False) expanding the planes to int8 codes before the
-    GEMM; None expands from ``triton_expand.EXPAND_MIN_M`` rows on.
+    accumulator; None picks it only when int32 could overflow. ``w_packed`` is the
+    weight's bit planes or code words (``WeightLayout``). ``expand_weight`` forces
+    (True) or forbids (False) expanding it to int8 codes before the GEMM; None expands
+    from ``triton_expand.EXPAND_MIN_M`` rows on.
     """
     if k < 1 or group_k < 1 or k % group_k:
         raise ValueError(f"group_k={group_k} must be positive and divide K={k}")
     m = x_centred.shape[0] if x_centred.dim() == 2 else -1
-    n = w_planes.shape[1] if w_planes.dim() == 3 else -1
     num_groups = k // group_k
+    if w_packed.dtype == torch.int32:  # code words
+        per_word = 32 // w_bits
+        if w_bits not in CODE_WORD_BITS or (num_groups > 1 and group_k % per_word):
+            raise ValueError(
+                f"code words hold 2-, 4- or 8-bit weights whose K-groups start on a word; "
+                f"got w_bits={w_bits}, group_k={group_k}: pass bit planes instead"
+            )
+        n = w_packed.shape[0] if w_packed.dim() == 2 else -1
+        _require(w_packed, "w_packed", torch.int32, (n, cdiv(k, per_word)))
+        stride_wplane, stride_wn = 0, w_packed.stride(0)
+    else:
+        n = w_packed.shape[1] if w_packed.dim() == 3 else -1
+        _require(w_packed, "w_packed", torch.uint8, (w_bits, n, (k + 7) // 8))
+        stride_wplane, stride_wn = w_packed.stride()[:2]
     _require(x_centred, "x_centred", torch.int8, (m, k))
     _require(x_rowsums, "x_rowsums", torch.int32, (m, num_groups))
-    _require(w_planes, "w_planes", torch.uint8, (w_bits, n, (k + 7) // 8))
     _require(w_rowsums, "w_rowsums", torch.int32, (n, num_groups))
     int_out = x_scales is None
     if int_out != (w_scales is None):
@@ -238,7 +254,7 @@ def bipolar_gemm(
         dtype = out_dtype or torch.float32
     if bias is not None:
         _require(bias, "bias", bias.dtype, (n,))
-    devices = {t.device for t in (x_centred, w_planes, x_scales, w_scales, bias) if t is not None}
+    devices = {t.device for t in (x_centred, w_packed, x_scales, w_scales, bias) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
     if accumulate_int64 is None:
@@ -251,11 +267,10 @@ def bipolar_gemm(
         return out.to(dtype)
     if expand_weight is None:
         expand_weight = m >= triton_expand.EXPAND_MIN_M
+    weight = w_packed
     if expand_weight:
-        weight = triton_expand.expand_weight_codes(w_planes, w_bits, k)
+        weight = triton_expand.expand_weight_codes(w_packed, w_bits, k)
         stride_wplane, stride_wn = 0, weight.stride(0)
-    else:
-        weight, (stride_wplane, stride_wn) = w_planes, w_planes.stride()[:2]
     _bipolar_gemm_kernel[tile_grid(m, n)](
         x_centred,
         x_rowsums,

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from bitscale.kernels import BipolarLinear, bipolar_mm_int, pack_bitplanes, quantize
-from bitscale.kernels.config import FLOAT_ACTIVATION_BITS, WeightLayout, weight_layout
+from bitscale.kernels.config import WeightLayout, weight_layout
 from bitscale.kernels.dispatch import linear_packed
 from bitscale.kernels.reference import centred_codes, pack_weight
 from torch import nn
@@ -214,7 +214,7 @@ def test_gpu_weight_only_linear(
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     weight_bf16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     quantized = quantize(weight_bf16.float(), w_bits, method="absmax")
-    layout = weight_layout(w_bits, FLOAT_ACTIVATION_BITS, None)
+    layout = weight_layout(w_bits, None)
     packed = pack_weight(quantized, layout=layout)
     baselines = {"torch.matmul bf16": lambda: x @ weight_bf16.t()}
     if layout is not WeightLayout.BITPLANES:
@@ -230,9 +230,7 @@ def test_gpu_weight_only_linear(
         m=m,
         n=n,
         k=k,
-        bytes_moved=packed.data.numel() * packed.data.element_size()
-        + packed.scales.numel() * 4
-        + (m * k + m * n) * 2,
+        bytes_moved=packed.data.nbytes + packed.scales.nbytes + (m * k + m * n) * 2,
         compute="bf16",
         series=f"W{w_bits}A16",
     )
@@ -246,12 +244,18 @@ def test_gpu_weight_only_linear(
 def test_gpu_int8_activation_linear(
     benchmark, bench_compare: Callable, limits, quick: bool, w_bits: int, nk, m: int
 ) -> None:
-    """W{4,8}A8 including the fused dynamic activation quantizer."""
+    """W{4,8}A8 including the fused dynamic activation quantizer, on the code words
+    BipolarLinear packs, against bf16, int8 and the same weight's bit planes."""
     n, k = nk
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     weight_bf16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-    packed = pack_weight(quantize(weight_bf16.float(), w_bits, method="absmax"))
-    baselines = {"torch.matmul bf16": lambda: x @ weight_bf16.t()}
+    quantized = quantize(weight_bf16.float(), w_bits, method="absmax")
+    packed = pack_weight(quantized, layout=weight_layout(w_bits, None))
+    planes = pack_weight(quantized)
+    baselines = {
+        "torch.matmul bf16": lambda: x @ weight_bf16.t(),
+        "bit planes": lambda: linear_packed(x, planes, a_bits=8, backend="triton"),
+    }
     if m > 16:  # torch._int_mm needs M > 16
         x_int8 = torch.randint(-128, 127, (m, k), device="cuda", dtype=torch.int8)
         w_int8_t = torch.randint(-128, 127, (n, k), device="cuda", dtype=torch.int8).t()
@@ -266,7 +270,7 @@ def test_gpu_int8_activation_linear(
         m=m,
         n=n,
         k=k,
-        bytes_moved=packed.data.numel() + packed.scales.numel() * 4 + (m * k + m * n) * 2,
+        bytes_moved=packed.data.nbytes + packed.scales.nbytes + (m * k + m * n) * 2,
         compute="int8",
         series=f"W{w_bits}A8",
     )
@@ -332,7 +336,7 @@ def test_gpu_expanded_weight_crossover(
 ) -> None:
     """Where expanding the weight once per call (triton_expand) beats unpacking it in
     every 128-row band: places EXPAND_MIN_M. Both paths include the expansion's cost.
-    The weight is packed as BipolarLinear packs it: code words for W4A16, planes for A8."""
+    The weight is packed as BipolarLinear packs it: code words at these widths."""
     from bitscale.kernels.triton_a16 import bipolar_linear_a16
     from bitscale.kernels.triton_gemm import bipolar_gemm, quantize_activations
 
@@ -340,7 +344,7 @@ def test_gpu_expanded_weight_crossover(
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     packed = pack_weight(
         quantize(torch.randn(n, k, device="cuda"), w_bits, method="absmax"),
-        layout=weight_layout(w_bits, a_bits, None),  # what BipolarLinear packs
+        layout=weight_layout(w_bits, None),  # what BipolarLinear packs
     )
     if a_bits == 16:
 
@@ -380,7 +384,7 @@ def test_gpu_expanded_weight_crossover(
         m=m,
         n=n,
         k=k,
-        bytes_moved=packed.data.numel() + (m * k + m * n) * 2,
+        bytes_moved=packed.data.nbytes + (m * k + m * n) * 2,
         compute="bf16" if a_bits == 16 else "int8",
         series=f"W{w_bits}A{a_bits} expanded",
     )

@@ -146,6 +146,23 @@ def _compile_all() -> list[str]:
         triton_gemm._GEMM_TILES,
         "",
     )
+    # 2-, 4- and 8-bit layers pack code words (WeightLayout.CODE_WORDS).
+    sweep(
+        triton_gemm._bipolar_gemm_kernel,
+        {**gemm_signature("*bf16"), "w_ptr": "*i32"},
+        gemm_flags(4),
+        triton_gemm._GEMM_TILES,
+        " code words",
+    )
+    for out, w_bits in (("*fp16", 2), ("*i64", 8)):
+        build(
+            triton_gemm._bipolar_gemm_kernel,
+            {**gemm_signature(out), "w_ptr": "*i32"},
+            gemm_flags(w_bits, int_out=out == "*i64"),
+            f"w{w_bits} {out[1:]} code words",
+            targets=(hopper, ampere),
+            odd_shapes=True,
+        )
     # Large M: the weight arrives expanded to int8 codes (triton_expand), and any tile
     # may win the autotune there.
     sweep(
@@ -369,7 +386,7 @@ def _compile_all() -> list[str]:
 def test_every_kernel_compiles_for_sm90() -> None:
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    # With a cold Triton cache the 251 builds took ~4 min on this machine's 2 cores.
+    # With a cold Triton cache the 281 builds took ~4.5 min on this machine's 2 cores.
     result = subprocess.run(
         [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600
     )
@@ -383,11 +400,11 @@ def test_every_kernel_compiles_for_sm90() -> None:
         "_bipolar_bitplane_kernel",
         "_expand_weight_kernel",
     }
-    # every autotune config (split-K too), on planes, code words (A16) and expanded
-    # weights, grouped and ungrouped
-    assert sum("tile" in line for line in built) == 2 * 2 * (12 + 15 + 4) + 2 * 19 + 3
-    assert sum("sm_80" in line for line in built) == 22 + 7
-    assert sum("odd shapes" in line for line in built) == 21 + 7
+    # every autotune config (split-K too), on planes, code words and expanded weights,
+    # grouped and ungrouped
+    assert sum("tile" in line for line in built) == 2 * 2 * (12 + 15 + 4) + 2 * (12 + 19) + 3
+    assert sum("sm_80" in line for line in built) == 22 + 9
+    assert sum("odd shapes" in line for line in built) == 21 + 9
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ def test_packed_weights_follow_master_weight_updates() -> None:
         (4, 16, 12, WeightLayout.BITPLANES),  # a group would start mid-word
         (3, 16, None, WeightLayout.BITPLANES),  # 3 bits do not tile a word
         (1, 16, None, WeightLayout.BITPLANES),  # 1-bit planes are the codes themselves
-        (4, 8, None, WeightLayout.BITPLANES),  # the integer GEMM reads planes
+        (4, 8, None, WeightLayout.CODE_WORDS),  # the integer GEMM reads code words too
     ],
 )
 def test_layers_pack_the_layout_their_kernels_read(

@@ -10,7 +10,6 @@ import torch
 from bitscale.kernels import Backend, bipolar_mm_int, dequantize, quantize
 from bitscale.kernels.config import (
     CODE_WORD_BITS,
-    FLOAT_ACTIVATION_BITS,
     WeightLayout,
     weight_layout,
 )
@@ -153,7 +152,7 @@ def test_packed_weights_dequantize_like_the_tensor(bits: int, group_size: int | 
         group_size=group_size,
     )
     layouts = [WeightLayout.BITPLANES]
-    if weight_layout(bits, FLOAT_ACTIVATION_BITS, group_size) is WeightLayout.CODE_WORDS:
+    if weight_layout(bits, group_size) is WeightLayout.CODE_WORDS:
         layouts.append(WeightLayout.CODE_WORDS)
     for layout in layouts:
         packed = pack_weight(w, layout=layout)
@@ -163,9 +162,9 @@ def test_packed_weights_dequantize_like_the_tensor(bits: int, group_size: int | 
 
 
 def test_code_words_refuse_widths_and_groups_they_cannot_hold() -> None:
-    assert weight_layout(4, FLOAT_ACTIVATION_BITS, 24) is WeightLayout.CODE_WORDS
-    assert weight_layout(4, FLOAT_ACTIVATION_BITS, 12) is WeightLayout.BITPLANES
-    assert weight_layout(4, 8, None) is WeightLayout.BITPLANES
+    assert weight_layout(4, 24) is WeightLayout.CODE_WORDS
+    assert weight_layout(4, 12) is WeightLayout.BITPLANES
+    assert weight_layout(3, None) is WeightLayout.BITPLANES
     with pytest.raises(ValueError, match="3 bits, group_size=None: pack bit planes instead"):
         pack_weight(quantize(torch.randn(4, 16), 3), layout="code_words")
     with pytest.raises(ValueError, match="group_size=12"):

@@ -23,7 +23,12 @@ from bitscale.kernels import (
 )
 from bitscale.kernels.config import WeightLayout
 from bitscale.kernels.dispatch import linear_packed
-from bitscale.kernels.reference import bipolar_mm_int_reference, centred_codes, pack_weight
+from bitscale.kernels.reference import (
+    bipolar_mm_int_reference,
+    centred_codes,
+    pack_code_words,
+    pack_weight,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -65,6 +70,36 @@ def test_triton_mm_int_is_exact(
     )
     assert out.dtype == torch.int64
     assert torch.equal(out.cpu(), oracle_mm(x_codes, w_codes, a_bits, w_bits))
+
+
+@pytest.mark.parametrize("w_bits", [2, 4, 8])
+@pytest.mark.parametrize("a_bits", [1, 5, 8])
+@pytest.mark.parametrize("k", [77, 96])
+def test_triton_gemm_on_code_words_is_exact(
+    a_bits: int, w_bits: int, k: int, oracle_mm: Callable
+) -> None:
+    """The integer GEMM on code words (what 2/4/8-bit BipolarLinear layers pack), in the
+    K loop and expanded: K = 77 ends mid-word."""
+    from bitscale.kernels.triton_gemm import bipolar_gemm
+
+    x_codes = _codes(5, k, a_bits, seed=a_bits + k)
+    w_codes = _codes(19, k, w_bits, seed=w_bits + k)
+    x_centred = centred_codes(x_codes, a_bits).to(DEVICE)
+    words = pack_code_words(w_codes, w_bits).to(DEVICE)
+    w_rowsums = centred_codes(w_codes, w_bits).sum(1, dtype=torch.int32)[:, None]
+    for expand_weight in (False, True):
+        out = bipolar_gemm(
+            x_centred,
+            x_centred.sum(1, dtype=torch.int32)[:, None].contiguous(),
+            words,
+            w_rowsums.contiguous().to(DEVICE),
+            a_bits=a_bits,
+            w_bits=w_bits,
+            k=k,
+            group_k=k,
+            expand_weight=expand_weight,
+        )
+        assert torch.equal(out.cpu(), oracle_mm(x_codes, w_codes, a_bits, w_bits)), expand_weight
 
 
 @pytest.mark.parametrize(("a_bits", "w_bits"), [(1, 1), (2, 3), (1, 8)], ids=str)
@@ -560,8 +595,19 @@ def test_launcher_validation() -> None:
     args = (x_centred, rowsums, packed.data, packed.centred_rowsums)
     with pytest.raises(ValueError, match=r"x_centred must be torch\.int8"):
         bipolar_gemm(x_codes, *args[1:], a_bits=4, w_bits=4, k=64, group_k=64)
-    with pytest.raises(ValueError, match="w_planes must have shape"):
+    with pytest.raises(ValueError, match="w_packed must have shape"):
         bipolar_gemm(*args, a_bits=4, w_bits=3, k=64, group_k=64)
+    words = pack_weight(w, layout=WeightLayout.CODE_WORDS).data
+    word_args = (x_centred, rowsums, words, packed.centred_rowsums)
+    with pytest.raises(ValueError, match=r"w_packed must have shape \(8, 8\), got \(8, 7\)"):
+        short = words[:, :-1].contiguous()
+        bipolar_gemm(
+            x_centred, rowsums, short, packed.centred_rowsums, a_bits=4, w_bits=4, k=64, group_k=64
+        )
+    with pytest.raises(ValueError, match="got w_bits=3, group_k=64: pass bit planes"):
+        bipolar_gemm(*word_args, a_bits=4, w_bits=3, k=64, group_k=64)
+    with pytest.raises(ValueError, match="got w_bits=4, group_k=4: pass bit planes"):
+        bipolar_gemm(*word_args, a_bits=4, w_bits=4, k=64, group_k=4)
     with pytest.raises(ValueError, match="divide K=64"):
         bipolar_gemm(*args, a_bits=4, w_bits=4, k=64, group_k=48)
     with pytest.raises(ValueError, match="both x_scales and w_scales"):
@@ -710,7 +756,7 @@ def test_gpu_every_tile(
     module: str, tile: tuple, monkeypatch: pytest.MonkeyPatch, fp32_error_bound: Callable
 ) -> None:
     """Each tile forced in turn (autotune elsewhere runs only the tile it picks), on planes,
-    code words (A16) and expanded weights: M = 300 and N = 260 cross the 128- and
+    code words and expanded weights: M = 300 and N = 260 cross the 128- and
     256-wide tiles; the split-K tiles, offered up to 16 rows, run M = 13."""
     from bitscale.kernels import triton_a16, triton_gemm
     from bitscale.kernels._triton_common import tile_config
@@ -719,22 +765,24 @@ def test_gpu_every_tile(
     if module == "triton_gemm":
         monkeypatch.setattr(triton_gemm._bipolar_gemm_kernel, "configs", [config])
         x_codes = _codes(300, 1001, 8, seed=5).cuda()  # K = 1001: a partial last byte
-        w_codes = _codes(260, 1001, 5, seed=6).cuda()  # 5 planes: both gathered words
         x_centred = centred_codes(x_codes, 8)
-        expected = bipolar_mm_int_reference(x_codes, w_codes, a_bits=8, w_bits=5)
-        for expand_weight in (False, True):
-            out = triton_gemm.bipolar_gemm(
-                x_centred,
-                x_centred.sum(1, dtype=torch.int32)[:, None].contiguous(),
-                pack_bitplanes(w_codes, 5),
-                centred_codes(w_codes, 5).sum(1, dtype=torch.int32)[:, None].contiguous(),
-                a_bits=8,
-                w_bits=5,
-                k=1001,
-                group_k=1001,
-                expand_weight=expand_weight,
-            )
-            assert torch.equal(out, expected), expand_weight
+        # 5 planes (both gathered words), and W4 code words (a partial last word)
+        for w_bits, pack in ((5, pack_bitplanes), (4, pack_code_words)):
+            w_codes = _codes(260, 1001, w_bits, seed=6).cuda()
+            expected = bipolar_mm_int_reference(x_codes, w_codes, a_bits=8, w_bits=w_bits)
+            for expand_weight in (False, True):
+                out = triton_gemm.bipolar_gemm(
+                    x_centred,
+                    x_centred.sum(1, dtype=torch.int32)[:, None].contiguous(),
+                    pack(w_codes, w_bits),
+                    centred_codes(w_codes, w_bits).sum(1, dtype=torch.int32)[:, None].contiguous(),
+                    a_bits=8,
+                    w_bits=w_bits,
+                    k=1001,
+                    group_k=1001,
+                    expand_weight=expand_weight,
+                )
+                assert torch.equal(out, expected), (w_bits, expand_weight)
     else:
         monkeypatch.setattr(triton_a16._bipolar_a16_kernel, "configs", [config])
         generator = torch.Generator().manual_seed(7)
