@@ -64,7 +64,7 @@ class WeightLayout(StrEnum):
 
     BITPLANES = "bitplanes"
     """uint8 [bits, N, ceil(K / 8)] (:func:`~bitscale.kernels.pack_bitplanes`): any
-    width, and what the integer GEMM unpacks to int8 codes."""
+    width, the fewest bytes for 3, 5, 6 and 7 bits."""
     CODE_WORDS = "code_words"
     """int32 [N, ceil(K / (32 // bits))]: codes along K, 32 // bits to a word, code c of
     a word in bits c * bits and up; widths 2, 4 and 8. A code comes out with a constant
