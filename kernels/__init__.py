@@ -8,6 +8,8 @@ Weights take 1..8 bits, activations 1..8 bits or stay float (``a_bits=16``).
 - :func:`quantize` / :func:`dequantize`: float <-> :class:`BipolarTensor`
   (per-channel / per-token scales, optional K-groups; "mse", "absmax", "meanabs").
 - :func:`pack_bitplanes` / :func:`unpack_bitplanes`: the bit-plane layout along K.
+  :class:`WeightLayout` says how packed weights hold their codes: bit planes, or code
+  words (32 / w codes to an int32 word) for 2-, 4- and 8-bit weights.
 - :func:`bipolar_mm_int`: the exact int64 product of codes, the contract every
   backend meets; :func:`bipolar_linear`: float in, float out.
 - :class:`BipolarLinear` and :func:`quantize_model`: drop-in nn.Linear
@@ -22,7 +24,7 @@ Importing this package imports torch but never triton, and never initializes CUD
 
 from __future__ import annotations
 
-from bitscale.kernels.config import Backend, BipolarConfig, QuantMethod
+from bitscale.kernels.config import Backend, BipolarConfig, QuantMethod, WeightLayout
 from bitscale.kernels.dispatch import bipolar_linear, bipolar_mm_int, kernel_status
 from bitscale.kernels.format import (
     BipolarTensor,
@@ -41,6 +43,7 @@ __all__ = [
     "BipolarLinear",
     "BipolarTensor",
     "QuantMethod",
+    "WeightLayout",
     "bipolar_linear",
     "bipolar_mm_int",
     "decode",

@@ -33,6 +33,7 @@ __all__ = [
     "tile_grid",
     "tile_of_program",
     "unpack_weight_codes",
+    "weight_strides",
     "zero_arrival_counters",
 ]
 
@@ -110,6 +111,12 @@ def store_dtype(dtype: torch.dtype) -> torch.dtype:
     bf16 cast truncates (GPUs round to nearest even): there the kernel stores float32
     and torch rounds."""
     return torch.float32 if INTERPRETED and dtype == torch.bfloat16 else dtype
+
+
+def weight_strides(weight: torch.Tensor) -> tuple[int, int]:
+    """The kernels' (stride_wplane, stride_wn) of a weight operand: bit planes are
+    [bits, N, bytes]; code words [N, words] and expanded weights [N, K] have one plane."""
+    return (0, weight.stride(0)) if weight.dim() == 2 else weight.stride()[:2]
 
 
 # Output tiles launch in bands of this many row tiles (tile_of_program).
@@ -205,51 +212,25 @@ def _code_word_field(
 
 
 @triton.jit
-def _code_word_pairs(
+def _code_word_tree(
     word,
     high,
     C: tl.constexpr,
     STEP: tl.constexpr,
+    COUNT: tl.constexpr,
     PER_WORD: tl.constexpr,
     W_BITS: tl.constexpr,
     SCALED: tl.constexpr,
 ):
-    return tl.join(
-        _code_word_field(word, high, C, PER_WORD, W_BITS, SCALED),
-        _code_word_field(word, high, C + STEP, PER_WORD, W_BITS, SCALED),
-    )
-
-
-@triton.jit
-def _code_word_quads(
-    word,
-    high,
-    C: tl.constexpr,
-    STEP: tl.constexpr,
-    PER_WORD: tl.constexpr,
-    W_BITS: tl.constexpr,
-    SCALED: tl.constexpr,
-):
-    return tl.join(
-        _code_word_pairs(word, high, C, 2 * STEP, PER_WORD, W_BITS, SCALED),
-        _code_word_pairs(word, high, C + STEP, 2 * STEP, PER_WORD, W_BITS, SCALED),
-    )
-
-
-@triton.jit
-def _code_word_octets(
-    word,
-    high,
-    C: tl.constexpr,
-    STEP: tl.constexpr,
-    PER_WORD: tl.constexpr,
-    W_BITS: tl.constexpr,
-    SCALED: tl.constexpr,
-):
-    return tl.join(
-        _code_word_quads(word, high, C, 2 * STEP, PER_WORD, W_BITS, SCALED),
-        _code_word_quads(word, high, C + STEP, 2 * STEP, PER_WORD, W_BITS, SCALED),
-    )
+    """Codes C, C + STEP, ..., C + (COUNT - 1) * STEP as a [..., 2, ..., 2] tensor that
+    flattens in that order: the even-numbered half joined with the odd-numbered half."""
+    if COUNT == 1:
+        return _code_word_field(word, high, C, PER_WORD, W_BITS, SCALED)
+    else:
+        return tl.join(
+            _code_word_tree(word, high, C, 2 * STEP, COUNT // 2, PER_WORD, W_BITS, SCALED),
+            _code_word_tree(word, high, C + STEP, 2 * STEP, COUNT // 2, PER_WORD, W_BITS, SCALED),
+        )
 
 
 @triton.jit
@@ -263,15 +244,7 @@ def _code_word_fields(
 ):
     """The fields of words [ROWS, BLOCK_K // (32 // W)] as [ROWS, BLOCK_K], in K order."""
     PER_WORD: tl.constexpr = 32 // W_BITS
-    if PER_WORD == 4:
-        fields = _code_word_quads(word, high, 0, 1, PER_WORD, W_BITS, SCALED)
-    elif PER_WORD == 8:
-        fields = _code_word_octets(word, high, 0, 1, PER_WORD, W_BITS, SCALED)
-    else:
-        fields = tl.join(
-            _code_word_octets(word, high, 0, 2, PER_WORD, W_BITS, SCALED),
-            _code_word_octets(word, high, 1, 2, PER_WORD, W_BITS, SCALED),
-        )
+    fields = _code_word_tree(word, high, 0, 1, PER_WORD, PER_WORD, W_BITS, SCALED)
     return tl.reshape(fields, (ROWS, BLOCK_K))
 
 

@@ -33,8 +33,8 @@ from bitscale.kernels._triton_common import (
     tile_grid,
     tile_of_program,
     unpack_weight_codes,
+    weight_strides,
 )
-from bitscale.kernels.config import WeightLayout
 from bitscale.kernels.reference import PackedWeight
 
 __all__ = ["INTERPRETED", "bipolar_linear_a16"]
@@ -313,13 +313,8 @@ def bipolar_linear_a16(
     group_k = weight.group_k
     if expand_weight is None:
         expand_weight = m >= triton_expand.EXPAND_MIN_M
-    if expand_weight:
-        w = triton_expand.expand_weight_levels(data, weight.bits, k, x.dtype)
-        stride_wplane, stride_wn = 0, w.stride(0)
-    elif weight.layout is WeightLayout.CODE_WORDS:
-        w, stride_wplane, stride_wn = data, 0, data.stride(0)
-    else:
-        w, (stride_wplane, stride_wn) = data, data.stride()[:2]
+    w = triton_expand.expand_weight_levels(data, weight.bits, k, x.dtype) if expand_weight else data
+    stride_wplane, stride_wn = weight_strides(w)
     rows_bucket = m_bucket(m)
     if rows_bucket <= SPLIT_K_MAX_M:
         # The split-K tiles' partials and arrival counters; a split tile's pre-launch hook

@@ -22,6 +22,7 @@ from bitscale.kernels._triton_common import (
     cdiv,
     store_dtype,
     unpack_weight_codes,
+    weight_strides,
 )
 
 __all__ = ["EXPAND_MIN_M", "expand_weight_codes", "expand_weight_levels"]
@@ -87,10 +88,11 @@ def _expand(data: torch.Tensor, bits: int, k: int, dtype: torch.dtype) -> torch.
     assert data.is_contiguous(), "launchers pass contiguous packed weights"
     if data.dtype == torch.uint8:
         assert data.shape[0] == bits and data.shape[2] == (k + 7) // 8, "bit planes"
-        n, stride_wplane, stride_wn = data.shape[1], data.stride(0), data.stride(1)
+        n = data.shape[1]
     else:
         assert data.dtype == torch.int32 and data.shape[1] == cdiv(k, 32 // bits), "code words"
-        n, stride_wplane, stride_wn = data.shape[0], 0, data.stride(0)
+        n = data.shape[0]
+    stride_wplane, stride_wn = weight_strides(data)
     out = torch.empty((n, k), dtype=store_dtype(dtype), device=data.device)
     block_n, block_k = _EXPAND_TILE
     if n and k:

@@ -36,8 +36,9 @@ from bitscale.kernels._triton_common import (
     tile_grid,
     tile_of_program,
     unpack_weight_codes,
+    weight_strides,
 )
-from bitscale.kernels.config import CODE_WORD_BITS
+from bitscale.kernels.config import WeightLayout, weight_layout
 
 __all__ = ["INTERPRETED", "bipolar_gemm", "quantize_activations"]
 
@@ -223,19 +224,17 @@ def bipolar_gemm(
     m = x_centred.shape[0] if x_centred.dim() == 2 else -1
     num_groups = k // group_k
     if w_packed.dtype == torch.int32:  # code words
-        per_word = 32 // w_bits
-        if w_bits not in CODE_WORD_BITS or (num_groups > 1 and group_k % per_word):
+        group_size = group_k if num_groups > 1 else None
+        if weight_layout(w_bits, group_size) is not WeightLayout.CODE_WORDS:
             raise ValueError(
                 f"code words hold 2-, 4- or 8-bit weights whose K-groups start on a word; "
                 f"got w_bits={w_bits}, group_k={group_k}: pass bit planes instead"
             )
         n = w_packed.shape[0] if w_packed.dim() == 2 else -1
-        _require(w_packed, "w_packed", torch.int32, (n, cdiv(k, per_word)))
-        stride_wplane, stride_wn = 0, w_packed.stride(0)
+        _require(w_packed, "w_packed", torch.int32, (n, cdiv(k, 32 // w_bits)))
     else:
         n = w_packed.shape[1] if w_packed.dim() == 3 else -1
         _require(w_packed, "w_packed", torch.uint8, (w_bits, n, (k + 7) // 8))
-        stride_wplane, stride_wn = w_packed.stride()[:2]
     _require(x_centred, "x_centred", torch.int8, (m, k))
     _require(x_rowsums, "x_rowsums", torch.int32, (m, num_groups))
     _require(w_rowsums, "w_rowsums", torch.int32, (n, num_groups))
@@ -270,7 +269,7 @@ def bipolar_gemm(
     weight = w_packed
     if expand_weight:
         weight = triton_expand.expand_weight_codes(w_packed, w_bits, k)
-        stride_wplane, stride_wn = 0, weight.stride(0)
+    stride_wplane, stride_wn = weight_strides(weight)
     _bipolar_gemm_kernel[tile_grid(m, n)](
         x_centred,
         x_rowsums,
