@@ -27,6 +27,7 @@ import importlib.util
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -87,11 +88,8 @@ def main() -> None:
     import triton
 
     cuobjdump = str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
-    stats: list[dict[str, int]] = []
-    compile_cubin = triton.compile
 
-    def compile_and_record(source, *compile_args, **compile_kwargs):
-        binary = compile_cubin(source, *compile_args, **compile_kwargs)
+    def build_stats(source, binary) -> dict[str, int]:
         build = _cubin_stats(cuobjdump, binary.asm["cubin"])
         meta = {source.fn.arg_names[index]: value for (index,), value in source.constants.items()}
         threads = 32 * binary.metadata.num_warps
@@ -101,21 +99,19 @@ def main() -> None:
             if codes and build["loop_instructions"]
             else None
         )
-        stats.append(build)
-        return binary
+        return build
 
-    triton.compile = compile_and_record
     spec = importlib.util.spec_from_file_location("test_gpu_compile", _COMPILE_CHECK)
     compile_check = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = compile_check  # its forked workers unpickle its functions by name
     spec.loader.exec_module(compile_check)
-    labels = compile_check._compile_all()
-    assert len(labels) == len(stats), "one triton.compile per build"
+    builds = compile_check._compile_all(inspect=build_stats)
     print(f"# python scripts/sass_stats.py: triton {triton.__version__}, static counts per cubin")
     print(
         f"{'build':74} {'regs':>5} {'stack B':>8} {'instrs':>7} {'loads':>6} "
         f"{'K loop':>7} {'/code':>6}"
     )
-    for label, build in zip(labels, stats, strict=True):
+    for label, build in builds:
         if args.grep in label:
             per_code = "" if build["per_code"] is None else f"{build['per_code']:.2f}"
             print(

@@ -10,9 +10,12 @@ decorated, so the check runs this file as a script in a fresh process.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -27,19 +30,45 @@ _ALIGNED_INTS = frozenset(
 )
 
 
-def _compile_all() -> list[str]:
+# The builds of one _compile_all call, read by its forked workers (by index: sources hold
+# JIT functions, which do not pickle).
+_BUILDS: list[tuple[str, Any, Any, dict[str, int]]] = []
+_INSPECT: Callable[[Any, Any], Any] | None = None
+
+
+def _compile_build(index: int) -> tuple[str, Any, str | None]:
+    """Compile build ``index`` of ``_BUILDS``: (label, what ``_INSPECT`` says of it, error)."""
+    import triton
+
+    label, source, target, options = _BUILDS[index]
+    try:
+        binary = triton.compile(source, target=target, options=options)
+    except Exception as error:  # a CompilationError's own pickling loses its message
+        return label, None, f"{type(error).__name__}: {error}"
+    # Compiling does not check shared memory against the device; launching would fail
+    # with OutOfResources past the per-block opt-in limit.
+    shared, limit = binary.metadata.shared, _SHARED_MEMORY_LIMIT[target.arch]
+    if shared > limit:
+        return label, None, f"{shared} B shared > {limit} B"
+    return label, None if _INSPECT is None else _INSPECT(source, binary), None
+
+
+def _compile_all(inspect: Callable[[Any, Any], Any] | None = None) -> list[tuple[str, Any]]:
     """Compile every autotune tile of every kernel for sm_90, on bit planes, code words
     and expanded weights, and each constexpr specialization a launcher can pick (output
     dtypes, int64 recovery and accumulation, float32 dots, 1 and 8 bits, the per-code
-    unpack) for sm_90 and sm_80, and for odd shapes. Returns one ``kernel[label]`` line
-    per build."""
+    unpack) for sm_90 and sm_80, and for odd shapes, one process per core (each compile is
+    single-threaded). Returns a
+    ``kernel[label]`` line per build, with ``inspect(source, compiled_kernel)`` (None
+    without ``inspect``), run in the worker; raises naming every build that failed."""
+    global _INSPECT
     import triton
     from bitscale.kernels import triton_a16, triton_bitplane, triton_expand, triton_gemm
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     hopper, ampere = GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)
-    compiled = []
+    _BUILDS.clear()
 
     def build(
         kernel,
@@ -75,16 +104,14 @@ def _compile_all() -> list[str]:
             uneven = constexprs | ({"EVEN_K": False} if "EVEN_K" in constexprs else {})
             builds.append((hopper, {}, uneven, " odd shapes"))
         for target, attrs, target_constexprs, variant in builds:
-            kernel_binary = triton.compile(
-                ASTSource(jit, full, target_constexprs, attrs=attrs),
-                target=target,
-                options={"num_warps": warps, "num_stages": stages},
+            _BUILDS.append(
+                (
+                    f"{jit.__name__}[{label}{variant} sm_{target.arch}]",
+                    ASTSource(jit, full, target_constexprs, attrs=attrs),
+                    target,
+                    {"num_warps": warps, "num_stages": stages},
+                )
             )
-            # Compiling does not check shared memory against the device; launching would
-            # fail with OutOfResources past the per-block opt-in limit.
-            shared, limit = kernel_binary.metadata.shared, _SHARED_MEMORY_LIMIT[target.arch]
-            assert shared <= limit, f"{jit.__name__}[{label}]: {shared} B shared > {limit} B"
-            compiled.append(f"{jit.__name__}[{label}{variant} sm_{target.arch}]")
 
     def sweep(kernel, signature: dict[str, str], constexprs: dict, tiles, label: str) -> None:
         """Every autotune tile, grouped (NUM_GROUPS a runtime int), and as the JIT
@@ -379,14 +406,22 @@ def _compile_all() -> list[str]:
         targets=both,
         odd_shapes=True,
     )
-    return compiled
+    _INSPECT = inspect
+    # fork: the workers inherit _BUILDS and _INSPECT, and triton already imported.
+    with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:
+        results = pool.map(_compile_build, range(len(_BUILDS)), chunksize=1)
+    failed = [f"{label}: {error}" for label, _, error in results if error is not None]
+    if failed:
+        raise RuntimeError(f"{len(failed)} builds failed:\n" + "\n".join(failed))
+    return [(label, inspected) for label, inspected, _ in results]
 
 
 @pytest.mark.slow
 def test_every_kernel_compiles_for_sm90() -> None:
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    # With a cold Triton cache, 251 of these builds took ~4 min on this machine's 2 cores.
+    # With a cold Triton cache the builds take a few minutes on this machine's 2 cores,
+    # within pytest's 300 s timeout only in parallel.
     result = subprocess.run(
         [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600
     )
@@ -408,4 +443,4 @@ def test_every_kernel_compiles_for_sm90() -> None:
 
 
 if __name__ == "__main__":
-    print("\n".join(_compile_all()))
+    print("\n".join(label for label, _ in _compile_all()))
