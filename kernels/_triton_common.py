@@ -32,6 +32,7 @@ __all__ = [
     "tile_config",
     "tile_grid",
     "tile_of_program",
+    "tiles_for_rows",
     "unpack_weight_codes",
     "weight_strides",
     "zero_arrival_counters",
@@ -47,25 +48,39 @@ def zero_arrival_counters(named_args: dict) -> None:
     named_args["counter_ptr"].zero_()
 
 
-def tile_config(tile: tuple[int, ...]) -> triton.Config:
+def tile_config(tile: tuple[int, ...], *, swap_ab: bool = False) -> triton.Config:
     """The config of a ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, SPLIT_K])``
-    tile (SPLIT_K only for kernels that split K, which default it to 1)."""
+    tile (SPLIT_K only for kernels that split K, which default it to 1); ``swap_ab`` sets
+    SWAP_AB (only for kernels that take it, which default it to False)."""
     block_m, block_n, block_k, warps, stages, *split_k = tile
     meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
+    if swap_ab:
+        meta["SWAP_AB"] = True
     if not split_k:
         return triton.Config(meta, num_warps=warps, num_stages=stages)
     (meta["SPLIT_K"],) = split_k
     return triton.Config(meta, num_warps=warps, num_stages=stages, pre_hook=zero_arrival_counters)
 
 
-def autotune_configs(tiles: Iterable[tuple[int, ...]]) -> list[triton.Config]:
-    """One config per tile (:func:`tile_config`)."""
+def autotune_configs(
+    tiles: Iterable[tuple[int, ...]], swapped_tiles: Iterable[tuple[int, ...]] = ()
+) -> list[triton.Config]:
+    """One config per tile, and per swapped tile with SWAP_AB set (:func:`tile_config`)."""
     if INTERPRETED:
         # The interpreter ignores warps/stages and autotune would run every
         # config: one small config, BLOCK_M/N >= 16 and BLOCK_K >= 32 like the
         # GPU compiler's int8 MMA needs, so CPU tests exercise compilable tiles.
         return [tile_config((16, 16, 32, 4, 3))]
-    return [tile_config(tile) for tile in tiles]
+    configs = [tile_config(tile) for tile in tiles]
+    return configs + [tile_config(tile, swap_ab=True) for tile in swapped_tiles]
+
+
+def tiles_for_rows(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """An autotune ``early_config_prune``: tiles no taller than the rows' M_BUCKET, 16 at
+    least (the shortest MMA tile). Rows past M are padding, and each tile autotune weighs
+    is one more compile and timing per shape, on GPU leases of minutes."""
+    rows = max(named_args["M_BUCKET"], 16)
+    return [config for config in configs if config.kwargs["BLOCK_M"] <= rows]
 
 
 def byte_aligned(group_k: int, num_groups: int) -> bool:

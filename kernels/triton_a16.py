@@ -8,7 +8,9 @@ bipolar levels 2U - (2^w - 1) (odd integers up to 255, exact in bf16 and fp16),
 dotted with the activations in their own dtype with a float32 accumulator, and
 scaled once per K-group. Up to 16 rows, autotune also weighs split-K tiles: SPLIT_K
 programs share an output tile's K-tiles, and the last to finish adds their float32
-partials in a fixed order, so outputs do not change from run to run.
+partials in a fixed order, so outputs do not change from run to run. Swapped tiles
+(SWAP_AB) compute the output transposed, levels [N, K] times x^T, so the levels unpacked
+in registers are the MMA's register operand.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from bitscale.kernels._triton_common import (
     store_dtype,
     tile_grid,
     tile_of_program,
+    tiles_for_rows,
     unpack_weight_codes,
     weight_strides,
 )
@@ -77,26 +80,51 @@ _A16_SPLIT_K_TILES = (
     (16, 64, 128, 4, 4, 8),
 )
 SPLIT_K_MAX_M = 16
-_MAX_SPLIT_K = max(tile[5] for tile in _A16_SPLIT_K_TILES)
-_MIN_BLOCK_N = min(tile[1] for tile in _A16_TILES + _A16_SPLIT_K_TILES)
+
+# Swapped tiles (SWAP_AB): the same tile shapes, computing out^T = levels @ x^T. Levels
+# unpacked in the K loop and dotted as the right operand go to shared memory first, and
+# Hopper's wgmma reads them there: Triton then waits for each K step's wgmma before the
+# next unpack (TTGIR: warp_group_dot_wait {pendings = 0} in the loop of the code-word
+# (128, 256, 64) tile). As the left operand the levels stay in registers, which wgmma
+# reads directly, and one wgmma stays in flight while the next K-tile unpacks
+# ({pendings = 1}); a 16-row M becomes the MMA's N (HGMMA.64x16x16). BLOCK_N >= 64 per
+# 4 warps, wgmma's M. Static reading (Triton 3.9), unmeasured: autotune weighs them.
+# Not for expanded weights, whose levels load through shared memory like x (in flight
+# either way).
+_A16_SWAPPED_TILES = (
+    (16, 64, 128, 4, 4),
+    (16, 64, 256, 4, 3),
+    (16, 64, 128, 4, 4, 8),
+    (64, 128, 64, 4, 3),
+    (128, 128, 64, 4, 3),
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+)
+_ALL_TILES = _A16_TILES + _A16_SPLIT_K_TILES + _A16_SWAPPED_TILES
+# The split-K workspace and counters fit every tile (16 columns, the narrowest, is what
+# the interpreter's tests force).
+_MAX_SPLIT_K = max(tile[5] for tile in _ALL_TILES if len(tile) > 5)
+_MIN_BLOCK_N = min(tile[1] for tile in _ALL_TILES)
 
 
 def _rows_fit(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Autotune candidates for this call: the GEMV tiles (BLOCK_M = 1) only at M = 1,
-    where they compete with the 16-row tiles (a GEMV program per row would re-read the
-    weight M times), and split-K tiles only up to SPLIT_K_MAX_M rows, where the launcher
-    allocates their workspace."""
+    """Autotune candidates for this call: tiles no taller than the rows
+    (:func:`tiles_for_rows`), the GEMV tiles (BLOCK_M = 1) only at M = 1, where they
+    compete with the 16-row tiles (a GEMV program per row would re-read the weight M
+    times), split-K tiles only up to SPLIT_K_MAX_M rows, where the launcher allocates
+    their workspace, and swapped tiles only on packed weights."""
     bucket = named_args["M_BUCKET"]
     return [
         config
-        for config in configs
+        for config in tiles_for_rows(configs, named_args)
         if (bucket == 1 or config.kwargs["BLOCK_M"] > 1)
         and (bucket <= SPLIT_K_MAX_M or config.kwargs.get("SPLIT_K", 1) == 1)
+        and not (kwargs["W_LEVELS"] and config.kwargs.get("SWAP_AB", False))
     ]
 
 
 @triton.autotune(
-    configs=autotune_configs(_A16_TILES + _A16_SPLIT_K_TILES),
+    configs=autotune_configs(_A16_TILES + _A16_SPLIT_K_TILES, _A16_SWAPPED_TILES),
     key=["M_BUCKET", "N", "K", "GROUP_K", "W_BITS", "W_LEVELS"],
     prune_configs_by={"early_config_prune": _rows_fit},
 )
@@ -131,6 +159,7 @@ def _bipolar_a16_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr = 1,
+    SWAP_AB: tl.constexpr = False,
 ):
     # 1-bit decode: the levels' sign bits applied to x, instead of levels and FMAs.
     GEMV_SIGNS: tl.constexpr = BLOCK_M == 1 and W_BITS == 1 and not W_LEVELS
@@ -143,7 +172,12 @@ def _bipolar_a16_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    result = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    tl.static_assert(not SWAP_AB or BLOCK_M > 1, "the GEMV tiles have no MMA operands to swap")
+    # Swapped tiles hold acc and result transposed, [BLOCK_N, BLOCK_M], until the epilogue.
+    if SWAP_AB:
+        result = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        result = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if SPLIT_K == 1:
         first_group = 0
         stop_group = NUM_GROUPS
@@ -172,6 +206,8 @@ def _bipolar_a16_kernel(
             kk_stop = (tl.minimum(stop_tile, group_tile + tiles_per_group) - group_tile) * BLOCK_K
         if BLOCK_M == 1:
             partial_KN = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        elif SWAP_AB:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kk in range(kk_start, kk_stop, BLOCK_K):
@@ -239,21 +275,26 @@ def _bipolar_a16_kernel(
                     other=0.0,
                 )
                 if DOT_FP32:
-                    acc = tl.dot(
-                        x_MK.to(tl.float32),
-                        level_KN.to(tl.float32),
-                        acc,
-                        input_precision=PRECISION,
-                    )
+                    x_MK = x_MK.to(tl.float32)
+                    level_KN = level_KN.to(tl.float32)
                 else:
-                    acc = tl.dot(x_MK, level_KN.to(x_ptr.dtype.element_ty), acc)
+                    level_KN = level_KN.to(x_ptr.dtype.element_ty)
+                if SWAP_AB:
+                    acc = tl.dot(tl.trans(level_KN), tl.trans(x_MK), acc, input_precision=PRECISION)
+                else:
+                    acc = tl.dot(x_MK, level_KN, acc, input_precision=PRECISION)
         if GEMV_WORDS:
             # Exact: the products and sums scaled by 2^(j * W) rescale bit for bit.
             partial_KN *= code_level_unscale(BLOCK_K, W_BITS)[:, None]
         if BLOCK_M == 1:
             acc = tl.sum(partial_KN, axis=0)[None, :]
         w_scale = tl.load(w_scale_ptr + offs_n * NUM_GROUPS + g, mask=n_mask, other=0.0)
-        result += acc * w_scale[None, :]
+        if SWAP_AB:
+            result += acc * w_scale[:, None]
+        else:
+            result += acc * w_scale[None, :]
+    if SWAP_AB:
+        result = tl.trans(result)
     out_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K > 1:
         # Deterministic split-K: every program stores its float32 partial, and the last

@@ -30,6 +30,7 @@ from bitscale.kernels._triton_common import (
     m_bucket,
     tile_grid,
     tile_of_program,
+    tiles_for_rows,
 )
 from bitscale.kernels.format import pack_bitplanes
 
@@ -44,7 +45,9 @@ _BITPLANE_TILES = (
 
 
 @triton.autotune(
-    configs=autotune_configs(_BITPLANE_TILES), key=["M_BUCKET", "N", "K", "A_BITS", "W_BITS"]
+    configs=autotune_configs(_BITPLANE_TILES),
+    key=["M_BUCKET", "N", "K", "A_BITS", "W_BITS"],
+    prune_configs_by={"early_config_prune": tiles_for_rows},
 )
 @triton.jit
 def _bipolar_bitplane_kernel(

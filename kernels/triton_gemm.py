@@ -35,6 +35,7 @@ from bitscale.kernels._triton_common import (
     store_dtype,
     tile_grid,
     tile_of_program,
+    tiles_for_rows,
     unpack_weight_codes,
     weight_strides,
 )
@@ -74,6 +75,7 @@ _GEMM_TILES = (
 @triton.autotune(
     configs=autotune_configs(_GEMM_TILES),
     key=["M_BUCKET", "N", "K", "GROUP_K", "W_BITS", "W_CODES"],
+    prune_configs_by={"early_config_prune": tiles_for_rows},
 )
 @triton.heuristics({"EVEN_K": even_k})
 @triton.jit

@@ -88,6 +88,8 @@ def _compile_all(inspect: Callable[[Any, Any], Any] | None = None) -> list[tuple
             constexprs = {**constexprs, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
         if "SPLIT_K" in jit.arg_names:
             constexprs = {**constexprs, "SPLIT_K": split_k[0] if split_k else 1}
+        if "SWAP_AB" in jit.arg_names:
+            constexprs = {"SWAP_AB": False, **constexprs}
         full = {**signature, **dict.fromkeys(constexprs, "constexpr")}
         # Triton's JIT marks pointers and ints divisible by 16 (model shapes: N, K, group
         # sizes, strides); only then are the K-loop loads vectorized and pipelined through
@@ -325,6 +327,29 @@ def _compile_all(inspect: Callable[[Any, Any], Any] | None = None) -> list[tuple
             targets=both,
             odd_shapes=True,
         )
+    # Swapped tiles (out^T = levels @ x^T) on planes and code words; with float32 "ieee"
+    # dots and for sm_80's mma.sync.
+    for weight, label in (("*u8", " swapped"), ("*i32", " code words swapped")):
+        sweep(
+            triton_a16._bipolar_a16_kernel,
+            {**a16_signature("*bf16"), "w_ptr": weight},
+            a16_flags(4) | {"SWAP_AB": True},
+            triton_a16._A16_SWAPPED_TILES,
+            label,
+        )
+    for x_dtype, label in (
+        ("*bf16", "w4 bf16 code words swapped"),
+        ("*fp32", "w4 fp32 ieee swapped"),
+    ):
+        build(
+            triton_a16._bipolar_a16_kernel,
+            {**a16_signature(x_dtype), "w_ptr": "*i32"},
+            a16_flags(4, fp32=x_dtype == "*fp32") | {"SWAP_AB": True},
+            label,
+            tile=triton_a16._A16_SWAPPED_TILES[0],
+            targets=both,
+            odd_shapes=True,
+        )
     sweep(
         triton_a16._bipolar_a16_kernel,
         {**a16_signature("*bf16"), "w_ptr": "*bf16"},
@@ -420,8 +445,8 @@ def _compile_all(inspect: Callable[[Any, Any], Any] | None = None) -> list[tuple
 def test_every_kernel_compiles_for_sm90() -> None:
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    # With a cold Triton cache the builds take a few minutes on this machine's 2 cores,
-    # within pytest's 300 s timeout only in parallel.
+    # With a cold Triton cache the 315 builds took 2.4 min on this machine's 2 cores (4.6
+    # min of CPU), under pytest's 300 s timeout.
     result = subprocess.run(
         [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600
     )
@@ -436,10 +461,12 @@ def test_every_kernel_compiles_for_sm90() -> None:
         "_expand_weight_kernel",
     }
     # every autotune config (split-K too), on planes, code words and expanded weights,
-    # grouped and ungrouped
-    assert sum("tile" in line for line in built) == 2 * 2 * (12 + 15 + 4) + 2 * (12 + 19) + 3
-    assert sum("sm_80" in line for line in built) == 22 + 9
-    assert sum("odd shapes" in line for line in built) == 21 + 9
+    # grouped and ungrouped, and the A16 kernel's 7 swapped tiles on planes and code words
+    assert sum("tile" in line for line in built) == (
+        2 * 2 * (12 + 15 + 4) + 2 * (12 + 19) + 3 + 2 * 2 * 7
+    )
+    assert sum("sm_80" in line for line in built) == 22 + 9 + 2
+    assert sum("odd shapes" in line for line in built) == 21 + 9 + 2
 
 
 if __name__ == "__main__":

@@ -473,9 +473,69 @@ def test_a16_on_code_words_matches_bit_planes(
     assert ((out.cpu().double() - oracle).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("split_k", [(), (3,)], ids=["whole-k", "split3"])
+@pytest.mark.parametrize(
+    ("w_bits", "layout", "group_size"),
+    [
+        (3, WeightLayout.BITPLANES, None),
+        (5, WeightLayout.BITPLANES, 12),
+        (4, WeightLayout.CODE_WORDS, 32),
+        (2, WeightLayout.CODE_WORDS, None),
+    ],
+    ids=["w3-planes", "w5-planes-g12", "w4-words-g32", "w2-words"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_a16_swapped_tiles(
+    dtype: torch.dtype,
+    w_bits: int,
+    layout: WeightLayout,
+    group_size: int | None,
+    split_k: tuple[int, ...],
+    monkeypatch: pytest.MonkeyPatch,
+    fp32_error_bound: Callable,
+) -> None:
+    """Swapped tiles (out^T = levels @ x^T), forced: the accumulators transposed, the
+    scales broadcast along the output's columns, the transpose back before the split-K
+    partials and the store. BLOCK_N = 32 against BLOCK_M = 16 makes a transposition
+    slip a shape error; M = 3, N = 33 and K = 96 leave tiles partial in every dimension."""
+    from bitscale.kernels import triton_a16
+    from bitscale.kernels._triton_common import tile_config
+
+    tile = tile_config((16, 32, 32, 4, 3, *split_k), swap_ab=True)
+    monkeypatch.setattr(triton_a16._bipolar_a16_kernel, "configs", [tile])
+    generator = torch.Generator().manual_seed(w_bits)
+    x = torch.randn(3, 96, generator=generator).to(dtype)
+    w = quantize(torch.randn(33, 96, generator=generator), w_bits, group_size=group_size)
+    bias = torch.randn(33, generator=generator)
+    packed = pack_weight(w.to(DEVICE), layout=layout)
+    out = triton_a16.bipolar_linear_a16(
+        x.to(DEVICE), packed, bias=bias.to(DEVICE), expand_weight=False
+    )
+    w_dequantized = dequantize(w)
+    expected = _oracle_linear(x.float(), w_dequantized, bias)
+    unit = 0.0 if dtype == torch.float32 else 2.0**-8
+    bound = fp32_error_bound(x.float(), w_dequantized) + expected.abs() * unit
+    assert ((out.cpu().double() - expected).abs() <= bound).all()
+
+
+def test_autotune_tiles_no_taller_than_the_rows() -> None:
+    """Every autotuned kernel weighs only tiles up to M's bucket rows, 16 at least."""
+    from bitscale.kernels import triton_bitplane, triton_gemm
+    from bitscale.kernels._triton_common import tile_config, tiles_for_rows
+
+    tiles = [tile_config((rows, 64, 64, 4, 3)) for rows in (16, 32, 64, 128)]
+    assert tiles_for_rows(tiles, {"M_BUCKET": 1}) == tiles[:1]
+    assert tiles_for_rows(tiles, {"M_BUCKET": 16}) == tiles[:1]
+    assert tiles_for_rows(tiles, {"M_BUCKET": 64}) == tiles[:3]
+    assert tiles_for_rows(tiles, {"M_BUCKET": 4096}) == tiles
+    for kernel in (triton_gemm._bipolar_gemm_kernel, triton_bitplane._bipolar_bitplane_kernel):
+        assert kernel.early_config_prune is tiles_for_rows
+
+
 def test_a16_autotune_candidates_by_rows() -> None:
-    """GEMV tiles only at M = 1; split-K tiles only up to SPLIT_K_MAX_M rows, where the
-    launcher allocates their workspace."""
+    """GEMV tiles only at M = 1; tiles no taller than M's bucket (16 at least); split-K
+    tiles only up to SPLIT_K_MAX_M rows, where the launcher allocates their workspace;
+    swapped tiles only on packed weights."""
     from bitscale.kernels._triton_common import tile_config
     from bitscale.kernels.triton_a16 import SPLIT_K_MAX_M, _rows_fit
 
@@ -483,11 +543,29 @@ def test_a16_autotune_candidates_by_rows() -> None:
     dot = tile_config((16, 32, 128, 4, 3))
     gemv_split = tile_config((1, 32, 128, 4, 3, 4))
     dot_split = tile_config((16, 32, 128, 4, 3, 8))
-    configs = [gemv, dot, gemv_split, dot_split]
-    assert _rows_fit(configs, {"M_BUCKET": 1}) == configs
-    assert _rows_fit(configs, {"M_BUCKET": 2}) == [dot, dot_split]
-    assert _rows_fit(configs, {"M_BUCKET": SPLIT_K_MAX_M}) == [dot, dot_split]
-    assert _rows_fit(configs, {"M_BUCKET": 2 * SPLIT_K_MAX_M}) == [dot]
+    swapped = tile_config((16, 64, 128, 4, 3), swap_ab=True)
+    swapped_split = tile_config((16, 64, 128, 4, 3, 8), swap_ab=True)
+    configs = [gemv, dot, gemv_split, dot_split, swapped, swapped_split]
+    packed = {"W_LEVELS": False}
+    assert _rows_fit(configs, {"M_BUCKET": 1}, **packed) == configs
+    assert _rows_fit(configs, {"M_BUCKET": 2}, **packed) == [
+        dot,
+        dot_split,
+        swapped,
+        swapped_split,
+    ]
+    assert _rows_fit(configs, {"M_BUCKET": SPLIT_K_MAX_M}, **packed) == [
+        dot,
+        dot_split,
+        swapped,
+        swapped_split,
+    ]
+    assert _rows_fit(configs, {"M_BUCKET": 2 * SPLIT_K_MAX_M}, **packed) == [dot, swapped]
+    tall = tile_config((128, 128, 64, 8, 3))
+    assert _rows_fit([dot, tall], {"M_BUCKET": 64}, **packed) == [dot]
+    assert _rows_fit([dot, tall], {"M_BUCKET": 128}, **packed) == [dot, tall]
+    # Expanded weights load their levels through shared memory, as the swapped tiles' x.
+    assert _rows_fit(configs, {"M_BUCKET": 1}, W_LEVELS=True) == configs[:4]
 
 
 @pytest.mark.parametrize("group_size", [None, 32, 12])
@@ -737,31 +815,38 @@ def test_gpu_mm_int_expanded_weight(a_bits: int, w_bits: int) -> None:
 
 
 def _gpu_tiles() -> list:
-    """(kernel module name, tile) for every autotune tile of the two GEMM kernels. The
-    kernel modules are imported only with CUDA: imported at collection on CPU, they would
-    miss the interpreter the kernels tests switch on (conftest.py)."""
+    """(kernel module name, tile, swapped) for every autotune tile of the two GEMM kernels.
+    The kernel modules are imported only with CUDA: imported at collection on CPU, they
+    would miss the interpreter the kernels tests switch on (conftest.py)."""
     if not torch.cuda.is_available():
-        return [pytest.param("triton_gemm", None, id="every-tile")]  # skipped: gpu marker
+        return [pytest.param("triton_gemm", None, False, id="every-tile")]  # skipped: gpu
     from bitscale.kernels import triton_a16, triton_gemm
 
     a16_tiles = triton_a16._A16_TILES + triton_a16._A16_SPLIT_K_TILES
-    return [("triton_gemm", tile) for tile in triton_gemm._GEMM_TILES] + [
-        ("triton_a16", tile) for tile in a16_tiles
-    ]
+    return (
+        [("triton_gemm", tile, False) for tile in triton_gemm._GEMM_TILES]
+        + [("triton_a16", tile, False) for tile in a16_tiles]
+        + [("triton_a16", tile, True) for tile in triton_a16._A16_SWAPPED_TILES]
+    )
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("module", "tile"), _gpu_tiles())
+@pytest.mark.parametrize(("module", "tile", "swap_ab"), _gpu_tiles())
 def test_gpu_every_tile(
-    module: str, tile: tuple, monkeypatch: pytest.MonkeyPatch, fp32_error_bound: Callable
+    module: str,
+    tile: tuple,
+    swap_ab: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    fp32_error_bound: Callable,
 ) -> None:
     """Each tile forced in turn (autotune elsewhere runs only the tile it picks), on planes,
-    code words and expanded weights: M = 300 and N = 260 cross the 128- and
-    256-wide tiles; the split-K tiles, offered up to 16 rows, run M = 13."""
+    code words and expanded weights (swapped tiles on packed ones only): M = 300 and
+    N = 260 cross the 128- and 256-wide tiles; the split-K tiles, offered up to 16 rows,
+    run M = 13."""
     from bitscale.kernels import triton_a16, triton_gemm
     from bitscale.kernels._triton_common import tile_config
 
-    config = tile_config(tile)
+    config = tile_config(tile, swap_ab=swap_ab)
     if module == "triton_gemm":
         monkeypatch.setattr(triton_gemm._bipolar_gemm_kernel, "configs", [config])
         x_codes = _codes(300, 1001, 8, seed=5).cuda()  # K = 1001: a partial last byte
@@ -794,7 +879,7 @@ def test_gpu_every_tile(
             expected = _oracle_linear(x.float(), w_dequantized, None)
             bound = fp32_error_bound(x.float(), w_dequantized) + expected.abs() * 2.0**-8
             packed = pack_weight(w.to("cuda"), layout=layout)
-            for expand_weight in (False, True):
+            for expand_weight in (False,) if swap_ab else (False, True):
                 out = triton_a16.bipolar_linear_a16(x.cuda(), packed, expand_weight=expand_weight)
                 error = (out.cpu().double() - expected).abs()
                 assert (error <= bound).all(), (layout, expand_weight, (error - bound).max())
