@@ -330,7 +330,7 @@ def test_gpu_bitplane_vs_one_int8_dot(
 @pytest.mark.gpu
 @pytest.mark.benchmark(group="kernels-gpu-expand")
 @pytest.mark.parametrize(("a_bits", "w_bits"), [(16, 4), (8, 4), (8, 8)], ids=str)
-@pytest.mark.parametrize("m", [16, 64, 256, 1024])
+@pytest.mark.parametrize("m", [16, 64, 256, 1024, 4096])
 def test_gpu_expanded_weight_crossover(
     benchmark, bench_compare: Callable, limits, quick: bool, a_bits: int, w_bits: int, m: int
 ) -> None:
