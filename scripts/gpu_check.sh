@@ -9,8 +9,8 @@
 #      only itself.
 #
 # Logs and the results file land in $OUT (default runs/gpu-check). Time boxes, in
-# seconds: TEST_SECONDS (default 150) and BENCH_SECONDS (default 300, all chunks
-# together); with the install and `bitscale env` the whole script stays under 8 minutes.
+# seconds: TEST_SECONDS (default 180) and BENCH_SECONDS (default 300, all chunks
+# together); with the install and `bitscale env` the whole script stays under 9 minutes.
 # On the H100 (2026-11-26) the gpu tests took 120 s on 14 workers, and the benchmark
 # chunks 50-140 s each (autotune compiles every tile of each new shape). The A16 tests
 # on code words (2026-11-27) add every A16 tile again, hence a 180 s box.
