@@ -340,7 +340,9 @@ def _oracle_linear(
     [(torch.float32, 0.0), (torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-11)],
     ids=["fp32", "bf16", "fp16"],
 )
-@pytest.mark.parametrize("w_bits", [1, 4, 7])
+# 2, 4 and 8 pack code words, whose dot tiles build float16 levels, and bfloat16 ones up to
+# 6 bits (bipolar_levels_16): W8 in bfloat16 takes float32 levels.
+@pytest.mark.parametrize("w_bits", [1, 2, 4, 7, 8])
 def test_triton_a16_linear_within_float32_rounding(
     weight_path: str,
     group_size: int | None,
