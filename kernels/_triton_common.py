@@ -19,10 +19,10 @@ __all__ = [
     "TILE_GROUP_ROWS",
     "autotune_configs",
     "bipolar_levels",
-    "bipolar_levels_16",
     "byte_aligned",
     "cdiv",
     "code_level_unscale",
+    "code_word_levels_16",
     "even_k",
     "expand_bits",
     "expand_sign_bits",
@@ -190,35 +190,6 @@ def bipolar_levels(u, W_BITS: tl.constexpr):
     return magic - (8388608.0 + (1 << W_BITS))
 
 
-# The interpreter keeps bfloat16 tensors as uint16 and runs their arithmetic on those
-# integers (Triton 3.9: 128 - 144 in bfloat16 came out NaN), so there bipolar_levels_16
-# subtracts in float32; both results are exact.
-_INTERPRETED_BF16: tl.constexpr = tl.constexpr(INTERPRETED)
-
-
-@triton.jit
-def bipolar_levels_16(u, W_BITS: tl.constexpr, dtype: tl.constexpr):
-    """Levels 2U - (2^w - 1) of w-bit codes U (int32) in the 16-bit float ``dtype``,
-    without a float32 detour: the bits MAGIC + 2U + 1 read as ``dtype`` are BASE + 2U + 1
-    (BASE = 128 in bfloat16, whose 7 fraction bits hold 2U + 1 up to w = 6; 1024 in
-    float16, 10 bits), and subtracting BASE + 2^w is exact. LLVM packs two codes per
-    register (PRMT) and their subtractions per HADD2: the W4 (16, 64, 128) decode tile's
-    K loop on code words runs 5.8 SASS instructions per code, against 6.9 building
-    float32 levels and converting them (6.0 against 7.2 on Triton 3.6)."""
-    if dtype == tl.bfloat16:
-        tl.static_assert(W_BITS <= 6, "bfloat16 holds 2U + 1 in its fraction up to 6 bits")
-        magic: tl.constexpr = 0x4301
-        base: tl.constexpr = 128.0
-    else:
-        tl.static_assert(dtype == tl.float16, "16-bit levels are bfloat16 or float16")
-        magic: tl.constexpr = 0x6401
-        base: tl.constexpr = 1024.0
-    field = (2 * u + magic).to(tl.uint16).to(dtype, bitcast=True)
-    if _INTERPRETED_BF16 and dtype == tl.bfloat16:
-        return (field.to(tl.float32) - (base + (1 << W_BITS))).to(dtype)
-    return field - (base + (1 << W_BITS))
-
-
 @triton.jit
 def gather_codes(words_RB, ROWS: tl.constexpr, BYTES: tl.constexpr):
     """4-bit codes int32 [ROWS, 8 * BYTES] from uint32 words [ROWS, BYTES] holding four
@@ -234,26 +205,41 @@ def gather_codes(words_RB, ROWS: tl.constexpr, BYTES: tl.constexpr):
     return tl.reshape(codes_RB8, (ROWS, 8 * BYTES)).to(tl.int32)
 
 
-# Code words (WeightLayout.CODE_WORDS): code c of a 32-bit word lies in bits c * W and up.
+# Code words (WeightLayout.CODE_WORDS): code c of a 32-bit word lies in bits
+# 16 * (c % 2) + W * (c // 2) and up: even codes in the low half, odd in the high half.
 # A word's codes come out as a [..., 32 // W] tensor by nested tl.join, whose new
 # dimensions stay in each thread's registers, so every code's shift and mask is a
 # constant: the [..., 2, 2, 2] of a W4 word flattens to codes 0..7 in K order.
 # SCALED selects the decode GEMV's form, from the word's two halves (see
-# scaled_code_levels); otherwise a code's U comes from the word itself.
+# scaled_code_levels); PAIR_MAGIC the 16-bit float fields of codes 2C and 2C + 1 in one
+# int32 (see code_word_levels_16); otherwise a code's U comes from the word itself.
 @triton.jit
 def _code_word_field(
-    word, high, C: tl.constexpr, PER_WORD: tl.constexpr, W_BITS: tl.constexpr, SCALED: tl.constexpr
+    word,
+    high,
+    C: tl.constexpr,
+    PER_WORD: tl.constexpr,
+    W_BITS: tl.constexpr,
+    SCALED: tl.constexpr,
+    PAIR_MAGIC: tl.constexpr,
 ):
     if SCALED:
         # Code j of a half, moved to bit 1 + j * W by the caller, over the magic bits.
-        j: tl.constexpr = C % (PER_WORD // 2)
+        j: tl.constexpr = C // 2
         shift: tl.constexpr = 1 + j * W_BITS
-        half = word if C < PER_WORD // 2 else high
+        half = word if C % 2 == 0 else high
         field = half & ((((1 << W_BITS) - 1) << shift) | 0x4B000000)
         offset: tl.constexpr = 8388608.0 + (1 << (W_BITS - 1 + shift)) - (1 << (shift - 1))
         return field.to(tl.float32, bitcast=True) - offset
+    elif PAIR_MAGIC:
+        # Pair C's codes start at bits C * W and 16 + C * W; shifted to bits 1 and 17 they
+        # read 2U (mask) and 2U + 1 over the magic (PAIR_MAGIC's bits 0 and 16).
+        fields: tl.constexpr = (((1 << W_BITS) - 1) << 1) * 0x10001
+        twice = (word << 1) if C == 0 else (word >> (C * W_BITS - 1))
+        return (twice & fields) | PAIR_MAGIC
     else:
-        return ((word >> (C * W_BITS)) & ((1 << W_BITS) - 1)).to(tl.int32)
+        shift: tl.constexpr = 16 * (C % 2) + W_BITS * (C // 2)
+        return ((word >> shift) & ((1 << W_BITS) - 1)).to(tl.int32)
 
 
 @triton.jit
@@ -266,15 +252,19 @@ def _code_word_tree(
     PER_WORD: tl.constexpr,
     W_BITS: tl.constexpr,
     SCALED: tl.constexpr,
+    PAIR_MAGIC: tl.constexpr = 0,
 ):
-    """Codes C, C + STEP, ..., C + (COUNT - 1) * STEP as a [..., 2, ..., 2] tensor that
+    """Fields C, C + STEP, ..., C + (COUNT - 1) * STEP as a [..., 2, ..., 2] tensor that
     flattens in that order: the even-numbered half joined with the odd-numbered half."""
     if COUNT == 1:
-        return _code_word_field(word, high, C, PER_WORD, W_BITS, SCALED)
+        return _code_word_field(word, high, C, PER_WORD, W_BITS, SCALED, PAIR_MAGIC)
     else:
+        half: tl.constexpr = COUNT // 2
         return tl.join(
-            _code_word_tree(word, high, C, 2 * STEP, COUNT // 2, PER_WORD, W_BITS, SCALED),
-            _code_word_tree(word, high, C + STEP, 2 * STEP, COUNT // 2, PER_WORD, W_BITS, SCALED),
+            _code_word_tree(word, high, C, 2 * STEP, half, PER_WORD, W_BITS, SCALED, PAIR_MAGIC),
+            _code_word_tree(
+                word, high, C + STEP, 2 * STEP, half, PER_WORD, W_BITS, SCALED, PAIR_MAGIC
+            ),
         )
 
 
@@ -342,8 +332,45 @@ def scaled_code_levels(words, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, W_BITS:
 def code_level_unscale(BLOCK_K: tl.constexpr, W_BITS: tl.constexpr):
     """float32 [BLOCK_K]: 2^-(j * W), undoing :func:`scaled_code_levels`' powers."""
     PER_WORD: tl.constexpr = 32 // W_BITS
-    j = tl.arange(0, BLOCK_K) % PER_WORD % (PER_WORD // 2)
+    j = tl.arange(0, BLOCK_K) % PER_WORD // 2
     return ((127 - j * W_BITS) << 23).to(tl.float32, bitcast=True)
+
+
+# The interpreter keeps bfloat16 tensors as uint16 and runs their arithmetic on those
+# integers (Triton 3.9: 128 - 144 in bfloat16 came out NaN), so there
+# code_word_levels_16 subtracts in float32; both results are exact.
+_INTERPRETED_BF16: tl.constexpr = tl.constexpr(INTERPRETED)
+
+
+@triton.jit
+def code_word_levels_16(
+    words, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, W_BITS: tl.constexpr, dtype: tl.constexpr
+):
+    """Levels 2U - (2^w - 1) [ROWS, BLOCK_K] in the 16-bit float ``dtype`` of code words
+    [ROWS, BLOCK_K // (32 // W)], without a float32 detour.
+
+    The bits MAGIC + 2U + 1 read as ``dtype`` are BASE + 2U + 1 (BASE = 128 in bfloat16,
+    whose 7 fraction bits hold 2U + 1 up to w = 6; 1024 in float16, 10 bits), and
+    subtracting BASE + 2^w is exact. K-adjacent codes lie 16 bits apart in a word, so one
+    shift and one LOP3 build both fields of a pair in one register, the layout of two
+    16-bit floats, and one HADD2 subtracts both: the W4 (16, 64, 128) decode tile's K loop
+    runs 4.7 SASS instructions per code, against 6.9 building float32 levels and
+    converting them (Triton 3.9)."""
+    if dtype == tl.bfloat16:
+        tl.static_assert(W_BITS <= 6, "bfloat16 holds 2U + 1 in its fraction up to 6 bits")
+        magic: tl.constexpr = 0x4301
+        base: tl.constexpr = 128.0
+    else:
+        tl.static_assert(dtype == tl.float16, "16-bit levels are bfloat16 or float16")
+        magic: tl.constexpr = 0x6401
+        base: tl.constexpr = 1024.0
+    PAIRS: tl.constexpr = 16 // W_BITS
+    pairs = _code_word_tree(words, words, 0, 1, PAIRS, 32 // W_BITS, W_BITS, False, magic * 0x10001)
+    halves = tl.join(pairs.to(tl.uint16), (pairs >> 16).to(tl.uint16))
+    fields = tl.reshape(halves, (ROWS, BLOCK_K)).to(dtype, bitcast=True)
+    if _INTERPRETED_BF16 and dtype == tl.bfloat16:
+        return (fields.to(tl.float32) - (base + (1 << W_BITS))).to(dtype)
+    return fields - (base + (1 << W_BITS))
 
 
 @triton.jit

@@ -66,12 +66,16 @@ class WeightLayout(StrEnum):
     """uint8 [bits, N, ceil(K / 8)] (:func:`~bitscale.kernels.pack_bitplanes`): any
     width, the fewest bytes for 3, 5, 6 and 7 bits."""
     CODE_WORDS = "code_words"
-    """int32 [N, ceil(K / (32 // bits))]: codes along K, 32 // bits to a word, code c of
-    a word in bits c * bits and up; widths 2, 4 and 8. A code comes out with a constant
-    shift and mask where bit planes gather its bits first, and the float-activation
-    decode kernel turns it into a float level with one masking LOP3 and one FADD: 4.4
-    against 8.6 SASS instructions per W4 code in the (1, 32, 256) GEMV's K loop, 6.7
-    against 11.0 in the integer GEMM's (16, 32, 128) (scripts/sass_stats.py, Triton 3.9)."""
+    """int32 [N, ceil(K / (32 // bits))]: codes along K, 32 // bits to a word; widths 2,
+    4 and 8. A word's even codes fill its low half and its odd codes its high half: code
+    c lies in bits 16 * (c % 2) + bits * (c // 2) and up, so K-adjacent codes 2j and
+    2j + 1 lie 16 bits apart, as two 16-bit floats in one register do. A code comes out
+    with a constant shift and mask where bit planes gather its bits first; the
+    float-activation decode GEMV turns it into a float level with one masking LOP3 and
+    one FADD, and the dot tiles a pair of codes into two 16-bit levels with one shift,
+    one LOP3 and one HADD2. 4.4 against 8.6 SASS instructions per W4 code in the
+    (1, 32, 256) GEMV's K loop, 6.7 against 11.0 in the integer GEMM's (16, 32, 128)
+    (scripts/sass_stats.py, Triton 3.9)."""
 
 
 CODE_WORD_BITS = (2, 4, 8)

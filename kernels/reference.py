@@ -142,6 +142,13 @@ def packed_out_features(data: torch.Tensor, layout: WeightLayout | str) -> int:
     return data.shape[1] if layout == WeightLayout.BITPLANES else data.shape[0]
 
 
+def _code_word_shifts(bits: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """int32 [32 // bits]: the bit where each code of a code word starts (even codes in the
+    low half, odd codes in the high half; ``WeightLayout.CODE_WORDS``)."""
+    c = torch.arange(32 // bits, device=device, dtype=torch.int32)
+    return 16 * (c % 2) + bits * (c // 2)
+
+
 def pack_code_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """int32 [N, ceil(K / (32 // bits))] code words (``WeightLayout.CODE_WORDS``) of
     uint8 codes [N, K]; a last, partial word is padded with zero codes."""
@@ -152,14 +159,14 @@ def pack_code_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
     words_per_row = -(-k // per_word)
     padded = torch.zeros((n, words_per_row * per_word), dtype=torch.int64, device=codes.device)
     padded[:, :k] = codes
-    shifts = torch.arange(0, 32, bits, device=codes.device)
+    shifts = _code_word_shifts(bits, codes.device).to(torch.int64)
     words = (padded.view(n, words_per_row, per_word) << shifts).sum(-1)
     return (words - ((words >> 31) << 32)).to(torch.int32)  # the uint32 bits, as int32
 
 
 def unpack_code_words(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     """uint8 codes [N, K] of int32 code words [N, ceil(K / (32 // bits))]."""
-    shifts = torch.arange(0, 32, bits, device=words.device, dtype=torch.int32)
+    shifts = _code_word_shifts(bits, words.device)
     codes = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return codes.flatten(-2)[..., :k].to(torch.uint8)
 

@@ -24,10 +24,10 @@ from bitscale.kernels._triton_common import (
     TILE_GROUP_ROWS,
     autotune_configs,
     bipolar_levels,
-    bipolar_levels_16,
     byte_aligned,
     cdiv,
     code_level_unscale,
+    code_word_levels_16,
     even_k,
     load_code_words,
     m_bucket,
@@ -167,8 +167,7 @@ def _bipolar_a16_kernel(
     # Decode on code words: levels scaled by powers of two, undone once per group.
     GEMV_WORDS: tl.constexpr = BLOCK_M == 1 and w_ptr.dtype.element_ty == tl.int32
     # Dot tiles on code words and 16-bit activations build their levels in that dtype
-    # (bipolar_levels_16). On bit planes Triton 3.6 issues more for it (+0.3-0.6 SASS
-    # instructions per W4 code; 3.9 issues less): planes keep float32 levels.
+    # (code_word_levels_16).
     x_dtype: tl.constexpr = x_ptr.dtype.element_ty
     LEVELS_16: tl.constexpr = (
         BLOCK_M > 1
@@ -223,7 +222,7 @@ def _bipolar_a16_kernel(
         for kk in range(kk_start, kk_stop, BLOCK_K):
             in_group = (kk + offs_k) < GROUP_K
             k = g * GROUP_K + kk + offs_k
-            if GEMV_WORDS:
+            if GEMV_WORDS or LEVELS_16:
                 words_NW = load_code_words(
                     w_ptr,
                     g * GROUP_K + kk,
@@ -235,7 +234,11 @@ def _bipolar_a16_kernel(
                     EVEN_K,
                     BLOCK_K,
                 )
-                level_KN = tl.trans(scaled_code_levels(words_NW, BLOCK_N, BLOCK_K, W_BITS))
+                if GEMV_WORDS:
+                    level_NK = scaled_code_levels(words_NW, BLOCK_N, BLOCK_K, W_BITS)
+                else:
+                    level_NK = code_word_levels_16(words_NW, BLOCK_N, BLOCK_K, W_BITS, x_dtype)
+                level_KN = tl.trans(level_NK)
             elif W_LEVELS:
                 level_KN = tl.load(
                     # int64 rows: an expanded weight passes 2^31 elements from N * K = 2^31.
@@ -259,9 +262,7 @@ def _bipolar_a16_kernel(
                     BLOCK_N,
                     SIGN_BITS=GEMV_SIGNS,
                 )
-                if LEVELS_16:
-                    level_KN = bipolar_levels_16(u_KN, W_BITS, x_dtype)
-                elif not GEMV_SIGNS:
+                if not GEMV_SIGNS:
                     level_KN = bipolar_levels(u_KN, W_BITS)
             # Padded activations are 0, so the weight levels there never count.
             if BLOCK_M == 1:

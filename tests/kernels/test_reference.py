@@ -134,14 +134,15 @@ def test_code_words_round_trip(bits: int, rows: int, k: int, seed: int) -> None:
 
 
 def test_code_word_layout() -> None:
-    """Code c of a word in bits c * w and up, K order; a partial last word zero-padded."""
+    """Code c of a word in bits 16 * (c % 2) + w * (c // 2) and up: even codes in the low
+    half, odd ones in the high half, in K order; a partial last word zero-padded."""
     codes = torch.arange(1, 10, dtype=torch.uint8)[None, :]  # W4: 9 codes, two words
     words = pack_code_words(codes, 4).view(torch.uint32).tolist()
-    assert words == [[0x87654321, 0x9]]
+    assert words == [[0x86427531, 0x9]]
     assert pack_code_words(torch.tensor([[3, 0, 2, 1]], dtype=torch.uint8), 2).tolist() == [
-        [3 | 2 << 4 | 1 << 6]
+        [3 | 2 << 2 | 0 << 16 | 1 << 18]
     ]
-    assert pack_code_words(torch.tensor([[255, 1]], dtype=torch.uint8), 8).tolist() == [[0x1FF]]
+    assert pack_code_words(torch.tensor([[255, 1]], dtype=torch.uint8), 8).tolist() == [[0x100FF]]
 
 
 @pytest.mark.parametrize(("bits", "group_size"), [(2, None), (4, 8), (8, 4), (3, None), (4, 12)])
