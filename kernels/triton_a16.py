@@ -87,9 +87,9 @@ SPLIT_K_MAX_M = 16
 # Hopper's wgmma reads them there: Triton then waits for each K step's wgmma before the
 # next unpack (TTGIR: warp_group_dot_wait {pendings = 0} in the loop of the code-word
 # (128, 256, 64) tile). As the left operand the levels stay in registers, which wgmma
-# reads directly, and one wgmma stays in flight while the next K-tile unpacks
-# ({pendings = 1}); a 16-row M becomes the MMA's N (HGMMA.64x16x16). BLOCK_N >= 64 per
-# 4 warps, wgmma's M. Static reading (Triton 3.9), unmeasured: autotune weighs them.
+# reads directly, and wgmmas stay in flight while the next K-tile unpacks ({pendings =
+# 1} on Triton 3.9, 3-7 on 3.6); a 16-row M becomes the MMA's N (HGMMA.64x16x16).
+# BLOCK_N >= 64 per 4 warps, wgmma's M. A static reading, unmeasured: autotune weighs them.
 # Not for expanded weights, whose levels load through shared memory like x (in flight
 # either way).
 _A16_SWAPPED_TILES = (
@@ -291,7 +291,7 @@ def _bipolar_a16_kernel(
                     x_MK = x_MK.to(tl.float32)
                     level_KN = level_KN.to(tl.float32)
                 else:
-                    level_KN = level_KN.to(x_ptr.dtype.element_ty)
+                    level_KN = level_KN.to(x_dtype)
                 if SWAP_AB:
                     acc = tl.dot(tl.trans(level_KN), tl.trans(x_MK), acc, input_precision=PRECISION)
                 else:

@@ -58,9 +58,9 @@ def _compile_all(inspect: Callable[[Any, Any], Any] | None = None) -> list[tuple
     and expanded weights, and each constexpr specialization a launcher can pick (output
     dtypes, int64 recovery and accumulation, float32 dots, 1 and 8 bits, the per-code
     unpack) for sm_90 and sm_80, and for odd shapes, one process per core (each compile is
-    single-threaded). Returns a
-    ``kernel[label]`` line per build, with ``inspect(source, compiled_kernel)`` (None
-    without ``inspect``), run in the worker; raises naming every build that failed."""
+    single-threaded). Returns a ``kernel[label]`` line per build, with
+    ``inspect(source, compiled_kernel)`` (None without ``inspect``), run in the worker;
+    raises naming every build that failed."""
     global _INSPECT
     import triton
     from bitscale.kernels import triton_a16, triton_bitplane, triton_expand, triton_gemm
