@@ -209,6 +209,11 @@ def _bipolar_a16_kernel(
         if SPLIT_K == 1:
             kk_start = 0
             kk_stop = GROUP_K
+            # Tells the compiler the K loop runs at least once: with a zero-trip path, whose
+            # accumulator zeros join the loop's exit, ptxas serialized every wgmma of
+            # ungrouped (NUM_GROUPS == 1) builds, each waiting out the last (C7515, Triton
+            # 3.6; the "waits" column of scripts/sass_stats.py). Launchers pass K >= 1.
+            tl.assume(GROUP_K > 0)
         else:
             group_tile = g * tiles_per_group
             kk_start = (tl.maximum(first_tile, group_tile) - group_tile) * BLOCK_K

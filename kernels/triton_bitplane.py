@@ -79,6 +79,7 @@ def _bipolar_bitplane_kernel(
     m_mask = offs_m < M
     n_mask = offs_n < N
     result = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int64)
+    tl.assume(K > 0)  # the K loops run: see the A16 kernel's assume
     for i in tl.static_range(A_BITS):
         x_popc = tl.load(x_popc_ptr + i * M + offs_m, mask=m_mask, other=0)
         for j in tl.static_range(W_BITS):

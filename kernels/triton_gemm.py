@@ -121,6 +121,7 @@ def _bipolar_gemm_kernel(
         result = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int64)
     else:
         result = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    tl.assume(GROUP_K > 0)  # the K loop runs: see the A16 kernel's assume
     for g in range(0, NUM_GROUPS):
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         wide = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int64)

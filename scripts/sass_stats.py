@@ -6,7 +6,10 @@ per thread, the stack (local memory, mostly register spills: in a K loop each co
 traffic), the SASS instruction count and the global loads, read from the cubin with
 the ``cuobjdump`` that ships with Triton, and the K loop's cost: the instructions of the
 innermost loop that loads from global memory, and those per weight code a thread handles
-in one iteration (32 * num_warps threads share BLOCK_N * BLOCK_K codes). A decode kernel
+in one iteration (32 * num_warps threads share BLOCK_N * BLOCK_K codes), and for Hopper's
+wgmma the waits that drain every wgmma in flight against the wgmmas (8/8: serialized,
+each waiting out the last; ptxas does that on its own, for reasons only its -v output
+names). A decode kernel
 is ALU-bound once codes per weight byte times instructions per code passes ~9: an H100
 issues at most ~30 T thread instructions/s (132 SMs x 128 lanes x 1.75 GHz; integer ones
 at half that) against 3.35 TB/s of HBM, so W4 (2 codes a byte) is past 4.4 per code.
@@ -39,9 +42,9 @@ _ADDRESSED = re.compile(
 _GLOBAL_LOADS = ("LDG", "LDGSTS")
 
 
-def _k_loop_instructions(sass: str) -> int:
-    """Instructions in the innermost loop (a backward branch's range) holding a global load:
-    the K loop of every kernel here, one iteration's worth (Triton does not unroll it)."""
+def _k_loop(sass: str) -> list[tuple[str, str]]:
+    """(opcode, operands) of the innermost loop (a backward branch's range) holding a global
+    load: the K loop of every kernel here, one iteration's worth (Triton does not unroll it)."""
     code = [
         (int(address, 16), opcode, operands)
         for address, opcode, operands in _ADDRESSED.findall(sass)
@@ -52,10 +55,22 @@ def _k_loop_instructions(sass: str) -> int:
         if target and int(target.group(1), 16) < address:
             loops.append((int(target.group(1), 16), address))
     bodies = [
-        [op for at, op, _ in code if start <= at <= end]
+        [(op, operands) for at, op, operands in code if start <= at <= end]
         for start, end in sorted(loops, key=lambda loop: loop[1] - loop[0])
     ]
-    return next((len(body) for body in bodies if any(op in _GLOBAL_LOADS for op in body)), 0)
+    return next((body for body in bodies if any(op in _GLOBAL_LOADS for op, _ in body)), [])
+
+
+def _wgmma_waits(loop: list[tuple[str, str]]) -> str:
+    """The K loop's waits that drain every wgmma in flight (WARPGROUP.DEPBAR.LE gsb0, 0x0)
+    over its wgmmas, as "waits/wgmmas"; as many waits as wgmmas means ptxas serialized them
+    (its C7515 "Potential Performance Loss"), each waiting out the last one's latency."""
+    wgmmas = sum(op in ("HGMMA", "IGMMA") for op, _ in loop)
+    waits = sum(
+        op == "WARPGROUP" and re.match(r"\.DEPBAR\.LE gsb0, 0x0\b", operands) is not None
+        for op, operands in loop
+    )
+    return f"{waits}/{wgmmas}" if wgmmas else ""
 
 
 def _cubin_stats(cuobjdump: str, cubin: bytes) -> dict[str, int]:
@@ -70,12 +85,14 @@ def _cubin_stats(cuobjdump: str, cubin: bytes) -> dict[str, int]:
         ).stdout
     registers, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
     opcodes = _INSTRUCTION.findall(sass)
+    loop = _k_loop(sass)
     return {
         "registers": int(registers),
         "spill_bytes": int(stack),
         "instructions": len(opcodes),
         "global_loads": sum(op in _GLOBAL_LOADS for op in opcodes),
-        "loop_instructions": _k_loop_instructions(sass),
+        "loop_instructions": len(loop),
+        "wgmma_waits": _wgmma_waits(loop),
     }
 
 
@@ -109,7 +126,7 @@ def main() -> None:
     print(f"# python scripts/sass_stats.py: triton {triton.__version__}, static counts per cubin")
     print(
         f"{'build':74} {'regs':>5} {'stack B':>8} {'instrs':>7} {'loads':>6} "
-        f"{'K loop':>7} {'/code':>6}"
+        f"{'K loop':>7} {'/code':>6} {'waits':>6}"
     )
     for label, build in builds:
         if args.grep in label:
@@ -117,7 +134,7 @@ def main() -> None:
             print(
                 f"{label:74} {build['registers']:>5} {build['spill_bytes']:>8} "
                 f"{build['instructions']:>7} {build['global_loads']:>6} "
-                f"{build['loop_instructions']:>7} {per_code:>6}"
+                f"{build['loop_instructions']:>7} {per_code:>6} {build['wgmma_waits']:>6}"
             )
 
 
