@@ -70,8 +70,9 @@ def autotune_configs(
     if INTERPRETED:
         # The interpreter ignores warps/stages and autotune would run every
         # config: one small config, BLOCK_M/N >= 16 and BLOCK_K >= 32 like the
-        # GPU compiler's int8 MMA needs, so CPU tests exercise compilable tiles.
-        return [tile_config((16, 16, 32, 4, 3))]
+        # GPU compiler's int8 MMA needs, so CPU tests exercise compilable tiles;
+        # BLOCK_K = 64 holds a run of 2-bit code words.
+        return [tile_config((16, 16, 64, 4, 3))]
     configs = [tile_config(tile) for tile in tiles]
     return configs + [tile_config(tile, swap_ab=True) for tile in swapped_tiles]
 
@@ -205,14 +206,16 @@ def gather_codes(words_RB, ROWS: tl.constexpr, BYTES: tl.constexpr):
     return tl.reshape(codes_RB8, (ROWS, 8 * BYTES)).to(tl.int32)
 
 
-# Code words (WeightLayout.CODE_WORDS): code c of a 32-bit word lies in bits
-# 16 * (c % 2) + W * (c // 2) and up: even codes in the low half, odd in the high half.
-# A word's codes come out as a [..., 32 // W] tensor by nested tl.join, whose new
-# dimensions stay in each thread's registers, so every code's shift and mask is a
-# constant: the [..., 2, 2, 2] of a W4 word flattens to codes 0..7 in K order.
-# SCALED selects the decode GEMV's form, from the word's two halves (see
-# scaled_code_levels); PAIR_MAGIC the 16-bit float fields of codes 2C and 2C + 1 in one
-# int32 (see code_word_levels_16); otherwise a code's U comes from the word itself.
+# Code words (WeightLayout.CODE_WORDS): field f of a 32-bit word lies in bits
+# 16 * (f % 2) + W * (f // 2) and up, pair f // 2 at K offset 8 * (f // 2) + 2c + f % 2
+# of its run of four words (c the word's place in the run). A word's fields come out as
+# a [..., 32 // W] tensor by nested tl.join, whose new dimensions stay in each thread's
+# registers, so every field's shift and mask is a constant: the [..., 2, 2, 2] of a W4
+# word flattens to fields 0..7; _runs_in_k_order then puts the run's fields in K order,
+# a permutation of dimensions that moves no data. SCALED selects the decode GEMV's form,
+# from the word's two halves (see scaled_code_levels); PAIR_MAGIC the 16-bit float
+# fields of pair C in one int32 (see code_word_levels_16); otherwise a field's U comes
+# from the word itself.
 @triton.jit
 def _code_word_field(
     word,
@@ -269,6 +272,15 @@ def _code_word_tree(
 
 
 @triton.jit
+def _runs_in_k_order(fields, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, W_BITS: tl.constexpr):
+    """Fields of code words [ROWS, BLOCK_K // (32 // W), ...] that flatten in field order
+    as [ROWS, BLOCK_K], in K order: pair C of a run's word c is K-pair 4C + c."""
+    PAIRS: tl.constexpr = 16 // W_BITS
+    runs = tl.reshape(fields, (ROWS, BLOCK_K // (8 * PAIRS), 4, PAIRS, 2))
+    return tl.reshape(tl.permute(runs, (0, 1, 3, 2, 4)), (ROWS, BLOCK_K))
+
+
+@triton.jit
 def _code_word_fields(
     word,
     high,
@@ -280,7 +292,7 @@ def _code_word_fields(
     """The fields of words [ROWS, BLOCK_K // (32 // W)] as [ROWS, BLOCK_K], in K order."""
     PER_WORD: tl.constexpr = 32 // W_BITS
     fields = _code_word_tree(word, high, 0, 1, PER_WORD, PER_WORD, W_BITS, SCALED)
-    return tl.reshape(fields, (ROWS, BLOCK_K))
+    return _runs_in_k_order(fields, ROWS, BLOCK_K, W_BITS)
 
 
 @triton.jit
@@ -296,14 +308,14 @@ def load_code_words(
     BLOCK_K: tl.constexpr,
 ):
     """uint32 code words [BLOCK_N, BLOCK_K // (32 // W)] of columns ``k_start`` ..
-    ``k_start + BLOCK_K`` (``k_start`` a multiple of 32 // W), rows ``offs_n``; words
-    from ``k_stop`` on, and rows off ``n_mask``, load as 0."""
+    ``k_start + BLOCK_K`` (``k_start`` a multiple of a run's 128 // W codes), rows
+    ``offs_n``; runs from ``k_stop`` on, and rows off ``n_mask``, load as 0."""
     PER_WORD: tl.constexpr = 32 // W_BITS
-    tl.static_assert(BLOCK_K % PER_WORD == 0, "a K-tile holds whole code words")
+    tl.static_assert(BLOCK_K % (4 * PER_WORD) == 0, "a K-tile holds whole runs of code words")
     offs_word = k_start // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
     mask = n_mask[:, None]
     if not EVEN_K:
-        mask = mask & (offs_word * PER_WORD < k_stop)[None, :]
+        mask = mask & (offs_word // 4 * (4 * PER_WORD) < k_stop)[None, :]
     words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_word[None, :], mask=mask, other=0)
     return words.to(tl.uint32, bitcast=True)
 
@@ -311,7 +323,7 @@ def load_code_words(
 @triton.jit
 def scaled_code_levels(words, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, W_BITS: tl.constexpr):
     """float32 ``level * 2^(j * W)`` [ROWS, BLOCK_K] of code words [ROWS, BLOCK_K // (32 // W)],
-    j the code's place in its half word (:func:`code_level_unscale` undoes the power).
+    j the code's pair in its word (:func:`code_level_unscale` undoes the power).
 
     Each half word, shifted so its code j starts at bit s = 1 + j * W and OR-ed with the
     float32 bits of 2^23 (two instructions a word), holds every code in place, under bit
@@ -331,8 +343,7 @@ def scaled_code_levels(words, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, W_BITS:
 @triton.jit
 def code_level_unscale(BLOCK_K: tl.constexpr, W_BITS: tl.constexpr):
     """float32 [BLOCK_K]: 2^-(j * W), undoing :func:`scaled_code_levels`' powers."""
-    PER_WORD: tl.constexpr = 32 // W_BITS
-    j = tl.arange(0, BLOCK_K) % PER_WORD // 2
+    j = tl.arange(0, BLOCK_K) % (128 // W_BITS) // 8
     return ((127 - j * W_BITS) << 23).to(tl.float32, bitcast=True)
 
 
@@ -354,8 +365,9 @@ def code_word_levels_16(
     subtracting BASE + 2^w is exact. K-adjacent codes lie 16 bits apart in a word, so one
     shift and one LOP3 build both fields of a pair in one register, the layout of two
     16-bit floats, and one HADD2 subtracts both: the W4 (16, 64, 128) decode tile's K loop
-    runs 4.7 SASS instructions per code, against 6.9 building float32 levels and
-    converting them (Triton 3.9)."""
+    ran 4.7 SASS instructions per code, against 6.9 building float32 levels and converting
+    them (Triton 3.9). A thread's pairs are the ones its MMA operand fragment holds
+    (WeightLayout.CODE_WORDS), which swapped tiles feed from registers."""
     if dtype == tl.bfloat16:
         tl.static_assert(W_BITS <= 6, "bfloat16 holds 2U + 1 in its fraction up to 6 bits")
         magic: tl.constexpr = 0x4301
@@ -367,7 +379,7 @@ def code_word_levels_16(
     PAIRS: tl.constexpr = 16 // W_BITS
     pairs = _code_word_tree(words, words, 0, 1, PAIRS, 32 // W_BITS, W_BITS, False, magic * 0x10001)
     halves = tl.join(pairs.to(tl.uint16), (pairs >> 16).to(tl.uint16))
-    fields = tl.reshape(halves, (ROWS, BLOCK_K)).to(dtype, bitcast=True)
+    fields = _runs_in_k_order(halves, ROWS, BLOCK_K, W_BITS).to(dtype, bitcast=True)
     if _INTERPRETED_BF16 and dtype == tl.bfloat16:
         return (fields.to(tl.float32) - (base + (1 << W_BITS))).to(dtype)
     return fields - (base + (1 << W_BITS))

@@ -9,6 +9,7 @@ from typing import TypeVar
 __all__ = [
     "ACTIVATION_BITS",
     "CODE_WORD_BITS",
+    "CODE_WORD_RUN",
     "FLOAT_ACTIVATION_BITS",
     "WEIGHT_BITS",
     "Backend",
@@ -66,26 +67,40 @@ class WeightLayout(StrEnum):
     """uint8 [bits, N, ceil(K / 8)] (:func:`~bitscale.kernels.pack_bitplanes`): any
     width, the fewest bytes for 3, 5, 6 and 7 bits."""
     CODE_WORDS = "code_words"
-    """int32 [N, ceil(K / (32 // bits))]: codes along K, 32 // bits to a word; widths 2,
-    4 and 8. A word's even codes fill its low half and its odd codes its high half: code
-    c lies in bits 16 * (c % 2) + bits * (c // 2) and up, so K-adjacent codes 2j and
-    2j + 1 lie 16 bits apart, as two 16-bit floats in one register do. A code comes out
-    with a constant shift and mask where bit planes gather its bits first; the
-    float-activation decode GEMV turns it into a float level with one masking LOP3 and
-    one FADD, and the dot tiles a pair of codes into two 16-bit levels with one shift,
-    one LOP3 and one HADD2. 4.4 against 8.6 SASS instructions per W4 code in the
-    (1, 32, 256) GEMV's K loop, 6.7 against 11.0 in the integer GEMM's (16, 32, 128)
-    (scripts/sass_stats.py, Triton 3.9)."""
+    """int32 [N, 4 * ceil(K / (128 // bits))]: codes along K, in runs of four words
+    (128 bits, 128 // bits codes); widths 2, 4 and 8. Code r of a run lies in word
+    (r // 2) % 4, at bit 16 * (r % 2) + bits * (r // 8): K-adjacent codes 2j and 2j + 1
+    share a word, 16 bits apart as two 16-bit floats in one register, and a word holds
+    the pairs at K offsets 2c, 2c + 8, 2c + 16, ... (c its place in the run), exactly the
+    pairs one lane of a 16-bit MMA operand fragment holds (mma.sync m16n8k16 and
+    wgmma's register operand give lane l the K-pairs 2 (l % 4) mod 8). So the levels a
+    lane unpacks are the ones it feeds the MMA, with no shuffle through shared memory
+    between them: 3.55 against 4.38 SASS instructions per W4 code in the swapped
+    (16, 64, 256) decode tile's K loop, where one code word held 32 // bits K-adjacent
+    codes (Triton 3.6). A K-group starts on a run.
+
+    A code comes out with a constant shift and mask where bit planes gather its bits
+    first; the float-activation decode GEMV turns it into a float level with one
+    masking LOP3 and one FADD, and the dot tiles a pair of codes into two 16-bit levels
+    with one shift, one LOP3 and one HADD2. 4.4 against 8.6 SASS instructions per W4
+    code in the (1, 32, 256) GEMV's K loop, 6.7 against 11.0 in the integer GEMM's
+    (16, 32, 128) (scripts/sass_stats.py, Triton 3.9)."""
 
 
 CODE_WORD_BITS = (2, 4, 8)
 """Widths with a :attr:`WeightLayout.CODE_WORDS` layout: those that tile a 32-bit word."""
 
+CODE_WORD_RUN = 128
+"""Bits in a run of four code words, the unit :attr:`WeightLayout.CODE_WORDS` orders
+codes in: 128 // bits codes (64 at 2 bits, 32 at 4, 16 at 8)."""
+
 
 def weight_layout(w_bits: int, group_size: int | None) -> WeightLayout:
     """The layout layers pack into: code words where the width tiles a word and every
-    K-group starts on a word, bit planes otherwise."""
-    if w_bits in CODE_WORD_BITS and (group_size is None or group_size % (32 // w_bits) == 0):
+    K-group starts on a run of code words, bit planes otherwise."""
+    if w_bits in CODE_WORD_BITS and (
+        group_size is None or group_size % (CODE_WORD_RUN // w_bits) == 0
+    ):
         return WeightLayout.CODE_WORDS
     return WeightLayout.BITPLANES
 

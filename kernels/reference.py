@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from bitscale.kernels.config import (
     CODE_WORD_BITS,
+    CODE_WORD_RUN,
     FLOAT_ACTIVATION_BITS,
     QuantMethod,
     WeightLayout,
@@ -41,6 +42,7 @@ __all__ = [
     "bipolar_mm_int_reference",
     "centred_codes",
     "check_mm_codes",
+    "code_word_count",
     "dequantize_packed",
     "dequantized_linear",
     "pack_code_words",
@@ -142,32 +144,44 @@ def packed_out_features(data: torch.Tensor, layout: WeightLayout | str) -> int:
     return data.shape[1] if layout == WeightLayout.BITPLANES else data.shape[0]
 
 
-def _code_word_shifts(bits: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """int32 [32 // bits]: the bit where each code of a code word starts (even codes in the
-    low half, odd codes in the high half; ``WeightLayout.CODE_WORDS``)."""
-    c = torch.arange(32 // bits, device=device, dtype=torch.int32)
-    return 16 * (c % 2) + bits * (c // 2)
+def _code_word_places(
+    bits: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each code r of a run of four code words lies (``WeightLayout.CODE_WORDS``):
+    its word in the run, (r // 2) % 4, and its first bit, 16 * (r % 2) + bits * (r // 8);
+    int64 [CODE_WORD_RUN // bits] each."""
+    r = torch.arange(CODE_WORD_RUN // bits, device=device, dtype=torch.int64)
+    return (r // 2) % 4, 16 * (r % 2) + bits * (r // 8)
+
+
+def code_word_count(bits: int, k: int) -> int:
+    """Code words per row of K codes: whole runs of four (``WeightLayout.CODE_WORDS``)."""
+    return 4 * -(-k // (CODE_WORD_RUN // bits))
 
 
 def pack_code_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """int32 [N, ceil(K / (32 // bits))] code words (``WeightLayout.CODE_WORDS``) of
-    uint8 codes [N, K]; a last, partial word is padded with zero codes."""
+    """int32 [N, code_word_count(bits, K)] code words (``WeightLayout.CODE_WORDS``) of
+    uint8 codes [N, K]; a last, partial run of words is padded with zero codes."""
     if bits not in CODE_WORD_BITS:
         raise ValueError(f"code words hold 2-, 4- or 8-bit codes, got bits={bits}")
-    per_word = 32 // bits
     n, k = codes.shape
-    words_per_row = -(-k // per_word)
-    padded = torch.zeros((n, words_per_row * per_word), dtype=torch.int64, device=codes.device)
+    per_run = CODE_WORD_RUN // bits
+    runs = -(-k // per_run)
+    padded = torch.zeros((n, runs * per_run), dtype=torch.int64, device=codes.device)
     padded[:, :k] = codes
-    shifts = _code_word_shifts(bits, codes.device).to(torch.int64)
-    words = (padded.view(n, words_per_row, per_word) << shifts).sum(-1)
+    word, shift = _code_word_places(bits, codes.device)
+    # Each word's codes occupy disjoint bits, so adding them is OR-ing them.
+    words = torch.zeros((n, runs, 4), dtype=torch.int64, device=codes.device)
+    words.index_add_(2, word, padded.view(n, runs, per_run) << shift)
+    words = words.view(n, 4 * runs)
     return (words - ((words >> 31) << 32)).to(torch.int32)  # the uint32 bits, as int32
 
 
 def unpack_code_words(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """uint8 codes [N, K] of int32 code words [N, ceil(K / (32 // bits))]."""
-    shifts = _code_word_shifts(bits, words.device)
-    codes = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    """uint8 codes [N, K] of int32 code words [N, code_word_count(bits, K)]."""
+    word, shift = _code_word_places(bits, words.device)
+    runs = words.view(*words.shape[:-1], words.shape[-1] // 4, 4).to(torch.int64)
+    codes = (runs[..., word] >> shift) & ((1 << bits) - 1)
     return codes.flatten(-2)[..., :k].to(torch.uint8)
 
 
@@ -209,8 +223,8 @@ def pack_weight(
     ):
         raise ValueError(
             f"code words hold {', '.join(map(str, CODE_WORD_BITS))}-bit weights whose "
-            f"K-groups start on a word; got {w.bits} bits, group_size={w.group_size}: "
-            "pack bit planes instead"
+            f"K-groups start on a run of four words ({CODE_WORD_RUN} bits); got {w.bits} "
+            f"bits, group_size={w.group_size}: pack bit planes instead"
         )
     group = k if w.group_size is None else w.group_size
     centred = w.codes.to(torch.int32) - (1 << (w.bits - 1))

@@ -24,6 +24,7 @@ from bitscale.kernels._triton_common import (
     unpack_weight_codes,
     weight_strides,
 )
+from bitscale.kernels.reference import code_word_count
 
 __all__ = ["EXPAND_MIN_M", "expand_weight_codes", "expand_weight_levels"]
 
@@ -37,8 +38,9 @@ EXPAND_MIN_M = 128
 """Rows of activations from which the launchers expand the weight first (the H100
 measurements above; bench/kernels ``expand`` times both paths)."""
 
-# (BLOCK_N, BLOCK_K): 8K codes per program; the interpreter gets a small tile.
-_EXPAND_TILE = (16, 32) if INTERPRETED else (32, 256)
+# (BLOCK_N, BLOCK_K): 8K codes per program; the interpreter gets a small tile (BLOCK_K
+# holding a run of 2-bit code words).
+_EXPAND_TILE = (16, 64) if INTERPRETED else (32, 256)
 
 
 @triton.jit
@@ -90,7 +92,7 @@ def _expand(data: torch.Tensor, bits: int, k: int, dtype: torch.dtype) -> torch.
         assert data.shape[0] == bits and data.shape[2] == (k + 7) // 8, "bit planes"
         n = data.shape[1]
     else:
-        assert data.dtype == torch.int32 and data.shape[1] == cdiv(k, 32 // bits), "code words"
+        assert data.dtype == torch.int32 and data.shape[1] == code_word_count(bits, k), "words"
         n = data.shape[0]
     stride_wplane, stride_wn = weight_strides(data)
     out = torch.empty((n, k), dtype=store_dtype(dtype), device=data.device)
@@ -114,7 +116,7 @@ def _expand(data: torch.Tensor, bits: int, k: int, dtype: torch.dtype) -> torch.
 
 def expand_weight_codes(data: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     """int8 [N, K] signed-centred codes T = U - 2^(bits-1) of the bit planes uint8
-    [bits, N, ceil(K/8)] or the code words int32 [N, ceil(K / (32 // bits))] (the
+    [bits, N, ceil(K/8)] or the code words int32 [N, code_word_count(bits, K)] (the
     kernels' own layouts, checked by their launchers)."""
     return _expand(data, bits, k, torch.int8)
 
@@ -122,5 +124,5 @@ def expand_weight_codes(data: torch.Tensor, bits: int, k: int) -> torch.Tensor:
 def expand_weight_levels(data: torch.Tensor, bits: int, k: int, dtype: torch.dtype) -> torch.Tensor:
     """[N, K] bipolar levels 2U - (2^bits - 1) in ``dtype`` (odd integers up to 255,
     exact in bf16, fp16 and fp32) of the bit planes uint8 [bits, N, ceil(K/8)] or the
-    code words int32 [N, ceil(K / (32 // bits))]."""
+    code words int32 [N, code_word_count(bits, K)]."""
     return _expand(data, bits, k, dtype)

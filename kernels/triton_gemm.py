@@ -8,7 +8,7 @@ Shape legend: M rows of activations (tokens), N output channels, K the
 reduction, G the K-group length (``group_k``; K when ungrouped), NG = K / G.
 Activations arrive as signed-centred codes S = Ux - 2^(a-1) (int8 [M, K]),
 weights as w bit planes (uint8 [w, N, ceil(K/8)]) or code words (int32
-[N, ceil(K / (32 // w))], WeightLayout.CODE_WORDS); per group g,
+[N, code_word_count(w, K)], WeightLayout.CODE_WORDS); per group g,
 
     Y_g = 4 * S_g @ T_g^T + 2 * rowsum(S_g) 1^T + 2 * 1 rowsum(T_g)^T + G
 
@@ -29,7 +29,6 @@ from bitscale.kernels._triton_common import (
     TILE_GROUP_ROWS,
     autotune_configs,
     byte_aligned,
-    cdiv,
     even_k,
     m_bucket,
     store_dtype,
@@ -40,6 +39,7 @@ from bitscale.kernels._triton_common import (
     weight_strides,
 )
 from bitscale.kernels.config import WeightLayout, weight_layout
+from bitscale.kernels.reference import code_word_count
 
 __all__ = ["INTERPRETED", "bipolar_gemm", "quantize_activations"]
 
@@ -234,7 +234,7 @@ def bipolar_gemm(
                 f"got w_bits={w_bits}, group_k={group_k}: pass bit planes instead"
             )
         n = w_packed.shape[0] if w_packed.dim() == 2 else -1
-        _require(w_packed, "w_packed", torch.int32, (n, cdiv(k, 32 // w_bits)))
+        _require(w_packed, "w_packed", torch.int32, (n, code_word_count(w_bits, k)))
     else:
         n = w_packed.shape[1] if w_packed.dim() == 3 else -1
         _require(w_packed, "w_packed", torch.uint8, (w_bits, n, (k + 7) // 8))

@@ -350,6 +350,14 @@ def _compile_all(inspect: Callable[[Any, Any], Any] | None = None) -> list[tuple
             targets=both,
             odd_shapes=True,
         )
+    # 2-bit decode on the swapped (16, 64, 256) tile: a run of words holds 64 codes.
+    build(
+        triton_a16._bipolar_a16_kernel,
+        {**a16_signature("*bf16"), "w_ptr": "*i32"},
+        a16_flags(2) | {"SWAP_AB": True, "M": 1, "M_BUCKET": 1, "NUM_GROUPS": 1},
+        "w2 bf16 code words swapped decode M=1",
+        tile=triton_a16._A16_SWAPPED_TILES[1],
+    )
     sweep(
         triton_a16._bipolar_a16_kernel,
         {**a16_signature("*bf16"), "w_ptr": "*bf16"},

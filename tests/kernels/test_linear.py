@@ -103,17 +103,18 @@ def test_packed_weights_follow_master_weight_updates() -> None:
     expected = x @ dequantize(quantize(layer.weight.detach(), 2)).t() + layer.bias
     assert torch.equal(layer(x), expected.detach())
     assert not torch.equal(layer(x), before)
-    words = layer.packed_weight().data  # weight-only W2: 16 codes to an int32 word
-    assert words.shape == (4, 1) and words.dtype == torch.int32
+    words = layer.packed_weight().data  # weight-only W2: a run of four words holds 64 codes
+    assert words.shape == (4, 4) and words.dtype == torch.int32
 
 
 @pytest.mark.parametrize(
     ("w_bits", "a_bits", "group_size", "layout"),
     [
         (4, 16, None, WeightLayout.CODE_WORDS),
-        (2, 16, 32, WeightLayout.CODE_WORDS),
-        (8, 16, 4, WeightLayout.CODE_WORDS),
+        (2, 16, 64, WeightLayout.CODE_WORDS),
+        (8, 16, 16, WeightLayout.CODE_WORDS),
         (4, 16, 12, WeightLayout.BITPLANES),  # a group would start mid-word
+        (2, 16, 32, WeightLayout.BITPLANES),  # a group would start mid-run (64 codes)
         (3, 16, None, WeightLayout.BITPLANES),  # 3 bits do not tile a word
         (1, 16, None, WeightLayout.BITPLANES),  # 1-bit planes are the codes themselves
         (4, 8, None, WeightLayout.CODE_WORDS),  # the integer GEMM reads code words too
@@ -122,14 +123,14 @@ def test_packed_weights_follow_master_weight_updates() -> None:
 def test_layers_pack_the_layout_their_kernels_read(
     w_bits: int, a_bits: int, group_size: int | None, layout: WeightLayout
 ) -> None:
-    layer = BipolarLinear(96, 5, w_bits=w_bits, a_bits=a_bits, group_size=group_size).eval()
+    layer = BipolarLinear(192, 5, w_bits=w_bits, a_bits=a_bits, group_size=group_size).eval()
     packed = layer.packed_weight()
     assert packed.layout is layout
     codes = quantize(layer.weight.detach(), w_bits, group_size=group_size).codes
     if layout is WeightLayout.CODE_WORDS:
-        assert torch.equal(unpack_code_words(packed.data, w_bits, 96), codes)
+        assert torch.equal(unpack_code_words(packed.data, w_bits, 192), codes)
     else:
-        assert torch.equal(unpack_bitplanes(packed.data, w_bits, 96), codes)
+        assert torch.equal(unpack_bitplanes(packed.data, w_bits, 192), codes)
 
 
 def test_from_linear_and_state_dict() -> None:

@@ -16,6 +16,7 @@ from bitscale.kernels.config import (
 from bitscale.kernels.reference import (
     _fp32_matmul_is_exact,
     bipolar_mm_int_reference,
+    code_word_count,
     dequantize_packed,
     pack_code_words,
     pack_weight,
@@ -129,26 +130,34 @@ def test_code_words_round_trip(bits: int, rows: int, k: int, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 1 << bits, (rows, k), dtype=torch.uint8, generator=generator)
     words = pack_code_words(codes, bits)
-    assert words.dtype == torch.int32 and words.shape == (rows, -(-k // (32 // bits)))
+    assert words.dtype == torch.int32 and words.shape == (rows, code_word_count(bits, k))
+    assert words.shape[1] == 4 * -(-k // (128 // bits))
     assert torch.equal(unpack_code_words(words, bits, k), codes)
 
 
 def test_code_word_layout() -> None:
-    """Code c of a word in bits 16 * (c % 2) + w * (c // 2) and up: even codes in the low
-    half, odd ones in the high half, in K order; a partial last word zero-padded."""
-    codes = torch.arange(1, 10, dtype=torch.uint8)[None, :]  # W4: 9 codes, two words
+    """Code r of a run of four words in word (r // 2) % 4, at bit 16 * (r % 2) + w * (r // 8):
+    a word holds the K-pairs 2c, 2c + 8, 2c + 16, ... of its run, each pair's even code in
+    the low half; a partial last run is zero-padded."""
+    codes = torch.arange(1, 34, dtype=torch.uint8)[None, :] % 16  # W4: 33 codes, two runs
     words = pack_code_words(codes, 4).view(torch.uint32).tolist()
-    assert words == [[0x86427531, 0x9]]
-    assert pack_code_words(torch.tensor([[3, 0, 2, 1]], dtype=torch.uint8), 2).tolist() == [
-        [3 | 2 << 2 | 0 << 16 | 1 << 18]
+    # Word 0 holds codes 0, 8, 16, 24 (values 1, 9, 1, 9) low and 1, 9, 17, 25 high.
+    assert words == [[0xA2A29191, 0xC4C4B3B3, 0xE6E6D5D5, 0x0808F7F7, 0x1, 0, 0, 0]]
+    w2 = torch.zeros(1, 64, dtype=torch.uint8)
+    w2[0, [0, 1, 8, 63]] = torch.tensor([3, 2, 1, 3], dtype=torch.uint8)
+    assert pack_code_words(w2, 2).view(torch.uint32).tolist() == [
+        [3 | 2 << 16 | 1 << 2, 0, 0, 3 << 30]
     ]
-    assert pack_code_words(torch.tensor([[255, 1]], dtype=torch.uint8), 8).tolist() == [[0x100FF]]
+    w8 = torch.tensor([[255, 1, 0, 0, 0, 0, 0, 0, 7]], dtype=torch.uint8)
+    assert pack_code_words(w8, 8).tolist() == [[0x107FF, 0, 0, 0]]
 
 
-@pytest.mark.parametrize(("bits", "group_size"), [(2, None), (4, 8), (8, 4), (3, None), (4, 12)])
+@pytest.mark.parametrize(
+    ("bits", "group_size"), [(2, None), (4, 32), (8, 16), (3, None), (4, 12), (2, 48)]
+)
 def test_packed_weights_dequantize_like_the_tensor(bits: int, group_size: int | None) -> None:
     w = quantize(
-        torch.randn(5, 24, generator=torch.Generator().manual_seed(bits)),
+        torch.randn(5, 96, generator=torch.Generator().manual_seed(bits)),
         bits,
         group_size=group_size,
     )
@@ -158,17 +167,23 @@ def test_packed_weights_dequantize_like_the_tensor(bits: int, group_size: int | 
     for layout in layouts:
         packed = pack_weight(w, layout=layout)
         assert packed.layout is layout and packed.out_features == 5
-        data = (packed.data, packed.scales, bits, 24, group_size, layout)
+        data = (packed.data, packed.scales, bits, 96, group_size, layout)
         assert torch.equal(dequantize_packed(*data), dequantize(w))
 
 
 def test_code_words_refuse_widths_and_groups_they_cannot_hold() -> None:
-    assert weight_layout(4, 24) is WeightLayout.CODE_WORDS
+    assert weight_layout(4, 64) is WeightLayout.CODE_WORDS
+    assert weight_layout(2, 64) is WeightLayout.CODE_WORDS
+    assert weight_layout(8, 16) is WeightLayout.CODE_WORDS
+    assert weight_layout(4, 24) is WeightLayout.BITPLANES  # a run of 4-bit words is 32 codes
+    assert weight_layout(2, 32) is WeightLayout.BITPLANES
     assert weight_layout(4, 12) is WeightLayout.BITPLANES
     assert weight_layout(3, None) is WeightLayout.BITPLANES
     with pytest.raises(ValueError, match="3 bits, group_size=None: pack bit planes instead"):
         pack_weight(quantize(torch.randn(4, 16), 3), layout="code_words")
-    with pytest.raises(ValueError, match="group_size=12"):
-        pack_weight(quantize(torch.randn(4, 24), 4, group_size=12), layout="code_words")
+    with pytest.raises(
+        ValueError, match=r"run of four words \(128 bits\); got 4 bits, group_size=8"
+    ):
+        pack_weight(quantize(torch.randn(4, 24), 4, group_size=8), layout="code_words")
     with pytest.raises(ValueError, match="got bits=3"):
         pack_code_words(torch.zeros(2, 8, dtype=torch.uint8), 3)

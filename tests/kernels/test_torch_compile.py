@@ -152,10 +152,10 @@ def test_triton_linear_op_passes_opcheck(w_bits: int, a_bits: int, method: str) 
     """The op, its fake (the output's N from either layout) and its straight-through
     backward, on bit planes (W3) and code words (W4)."""
     generator = torch.Generator().manual_seed(0)
-    w = quantize(torch.randn(24, 48, generator=generator), w_bits, group_size=16)
-    packed = pack_weight(w, layout=weight_layout(w_bits, 16))
+    w = quantize(torch.randn(24, 64, generator=generator), w_bits, group_size=32)
+    packed = pack_weight(w, layout=weight_layout(w_bits, 32))
     assert (packed.layout is WeightLayout.CODE_WORDS) == (w_bits == 4)
-    rows = torch.randn(5, 48, generator=generator, requires_grad=True)
+    rows = torch.randn(5, 64, generator=generator, requires_grad=True)
     bias = torch.randn(24, generator=generator, requires_grad=True)
     args = (
         rows,

@@ -214,7 +214,7 @@ def test_even_k_only_where_every_k_tile_ends_inside_its_group(block_k: int) -> N
 @pytest.mark.parametrize("module", ["triton_a16", "triton_gemm"])
 def test_even_k_sees_the_tile_autotune_picked(module: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The heuristic runs inside autotune, on each launch's BLOCK_K: at K = 128 tiles that
-    divide it (the interpreter's BLOCK_K = 32; 64 and 128 on a GPU) take the unmasked plane
+    divide it (the interpreter's BLOCK_K = 64; 64 and 128 on a GPU) take the unmasked plane
     loads, and at K = 77 every tile keeps the mask."""
     import importlib
 
@@ -239,7 +239,7 @@ def test_even_k_sees_the_tile_autotune_picked(module: str, monkeypatch: pytest.M
     assert any(even for group_k, _, even in seen if group_k == 128)
     assert not any(even for group_k, _, even in seen if group_k == 77)
     if not torch.cuda.is_available():
-        assert seen == [(128, 32, True), (77, 32, False)]
+        assert seen == [(128, 64, True), (77, 64, False)]
 
 
 def test_triton_kernels_across_bands_of_row_tiles(
@@ -422,22 +422,23 @@ def test_one_bit_gemv_sign_flips_equal_the_level_products(
     assert signs.abs().sum() > 0
 
 
+# BLOCK_K = 64: a K-tile holds whole runs of code words (64 codes at 2 bits).
 _CODE_WORD_TILES = {
-    "gemv": (1, 16, 32, 4, 3),
-    "gemv-split3": (1, 16, 32, 4, 3, 3),
-    "dot": (16, 16, 32, 4, 3),
-    "expanded": (16, 16, 32, 4, 3),
+    "gemv": (1, 16, 64, 4, 3),
+    "gemv-split3": (1, 16, 64, 4, 3, 3),
+    "dot": (16, 16, 64, 4, 3),
+    "expanded": (16, 16, 64, 4, 3),
 }
 
 
 @pytest.mark.parametrize("tile", list(_CODE_WORD_TILES))
-@pytest.mark.parametrize(("group_size", "k"), [(None, 96), (None, 77), (16, 96), (32, 160)])
+@pytest.mark.parametrize(("group_runs", "k"), [(None, 96), (None, 77), (1, 192), (2, 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("w_bits", [2, 4, 8])
 def test_a16_on_code_words_matches_bit_planes(
     w_bits: int,
     dtype: torch.dtype,
-    group_size: int | None,
+    group_runs: int | None,
     k: int,
     tile: str,
     monkeypatch: pytest.MonkeyPatch,
@@ -448,8 +449,8 @@ def test_a16_on_code_words_matches_bit_planes(
     per group, the split-K GEMV, the 16-row dot and the expanded weight. Their products
     and sums are the planes' bit for bit (powers of two rescale exactly); on a GPU the two
     builds may reduce across threads in another order, so there only the float32 bound of
-    the oracle holds. K = 77 ends mid-word; groups of 16 are one W2 word, split-K shares
-    them between programs."""
+    the oracle holds. K = 77 ends mid-run; groups of one run of words (64 codes at 2 bits,
+    16 at 8) leave K-tiles past a group's end, and split-K shares groups between programs."""
     from bitscale.kernels import triton_a16
     from bitscale.kernels._triton_common import tile_config
 
@@ -460,6 +461,7 @@ def test_a16_on_code_words_matches_bit_planes(
     rows = 1 if tile.startswith("gemv") else 3
     x = torch.randn(rows, k, generator=generator).to(dtype)
     x[0, 5] = 0.0
+    group_size = None if group_runs is None else group_runs * 128 // w_bits
     w = quantize(torch.randn(33, k, generator=generator), w_bits, group_size=group_size)
     words = pack_weight(w.to(DEVICE), layout=WeightLayout.CODE_WORDS)
     planes = pack_weight(w.to(DEVICE))
@@ -503,7 +505,7 @@ def test_triton_a16_swapped_tiles(
     from bitscale.kernels import triton_a16
     from bitscale.kernels._triton_common import tile_config
 
-    tile = tile_config((16, 32, 32, 4, 3, *split_k), swap_ab=True)
+    tile = tile_config((16, 32, 64, 4, 3, *split_k), swap_ab=True)
     monkeypatch.setattr(triton_a16._bipolar_a16_kernel, "configs", [tile])
     generator = torch.Generator().manual_seed(w_bits)
     x = torch.randn(3, 96, generator=generator).to(dtype)
