@@ -82,8 +82,8 @@ class WeightLayout(StrEnum):
     A code comes out with a constant shift and mask where bit planes gather its bits
     first; the float-activation decode GEMV turns it into a float level with one
     masking LOP3 and one FADD, and the dot tiles a pair of codes into two 16-bit levels
-    with one shift, one LOP3 and one HADD2. 4.4 against 8.6 SASS instructions per W4
-    code in the (1, 32, 256) GEMV's K loop, 6.7 against 11.0 in the integer GEMM's
+    with one shift, one LOP3 and one HADD2. 4.3 against 8.6 SASS instructions per W4
+    code in the (1, 32, 256) GEMV's K loop, 6.6 against 11.0 in the integer GEMM's
     (16, 32, 128) (scripts/sass_stats.py, Triton 3.9)."""
 
 
