@@ -95,11 +95,13 @@ SPLIT_K_MAX_M = 16
 # instructions per W4 code on Triton 3.6, 2.90 on 3.9 (4.38 and 3.85 in plain word order).
 # BLOCK_N >= 64 per 4 warps, wgmma's M. A static reading, unmeasured: autotune weighs them.
 # Not for expanded weights, whose levels load through shared memory like x (in flight
-# either way).
+# either way). The (16, 64, 256) tile split 4 ways keeps its 3.6 per code (Triton 3.6) and
+# puts 256 programs on N = 4096 at decode, where the unsplit one has 64 for 132 SMs.
 _A16_SWAPPED_TILES = (
     (16, 64, 128, 4, 4),
     (16, 64, 256, 4, 3),
     (16, 64, 128, 4, 4, 8),
+    (16, 64, 256, 4, 3, 4),
     (64, 128, 64, 4, 3),
     (128, 128, 64, 4, 3),
     (128, 256, 64, 8, 3),
