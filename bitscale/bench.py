@@ -36,10 +36,13 @@ from typing import Any
 from bitscale._io import atomic_output, save_figure
 
 __all__ = [
+    "KERNEL_GOALS",
     "QUICK_ENV",
     "RESULTS_VERSION",
     "BenchError",
+    "GoalRow",
     "GpuPeaks",
+    "KernelGoal",
     "Limit",
     "Row",
     "Subsystem",
@@ -48,6 +51,7 @@ __all__ = [
     "current_device",
     "device_slug",
     "find_repo_root",
+    "kernel_goal_rows",
     "known_gpu_peaks",
     "load_results",
     "ratio_to_baseline",
@@ -169,15 +173,79 @@ class GpuPeaks:
 # torch.cuda.get_device_name(), most specific patterns first.
 _SPARSE = 0.5
 _GPU_PEAKS: tuple[tuple[tuple[str, ...], GpuPeaks], ...] = (
-    (("h200", "nvl"), GpuPeaks(model="H200 NVL", hbm_bytes_per_s=4.8e12, bf16_flops=1671e12 * _SPARSE, int8_ops=3341e12 * _SPARSE)),
-    (("h200",), GpuPeaks(model="H200 SXM", hbm_bytes_per_s=4.8e12, bf16_flops=1979e12 * _SPARSE, int8_ops=3958e12 * _SPARSE)),
-    (("h100", "nvl"), GpuPeaks(model="H100 NVL", hbm_bytes_per_s=3.9e12, bf16_flops=1671e12 * _SPARSE, int8_ops=3341e12 * _SPARSE)),
-    (("h100", "pcie"), GpuPeaks(model="H100 PCIe", hbm_bytes_per_s=2.0e12, bf16_flops=1513e12 * _SPARSE, int8_ops=3026e12 * _SPARSE)),
-    (("h100",), GpuPeaks(model="H100 SXM", hbm_bytes_per_s=3.35e12, bf16_flops=1979e12 * _SPARSE, int8_ops=3958e12 * _SPARSE)),
-    (("a100", "80gb", "pcie"), GpuPeaks(model="A100 80GB PCIe", hbm_bytes_per_s=1.935e12, bf16_flops=624e12 * _SPARSE, int8_ops=1248e12 * _SPARSE)),
-    (("a100", "80gb"), GpuPeaks(model="A100 80GB SXM", hbm_bytes_per_s=2.039e12, bf16_flops=624e12 * _SPARSE, int8_ops=1248e12 * _SPARSE)),
-    (("a100",), GpuPeaks(model="A100 40GB SXM", hbm_bytes_per_s=1.555e12, bf16_flops=624e12 * _SPARSE, int8_ops=1248e12 * _SPARSE)),
-)  # fmt: skip
+    (
+        ("h200", "nvl"),
+        GpuPeaks(
+            model="H200 NVL",
+            hbm_bytes_per_s=4.8e12,
+            bf16_flops=1671e12 * _SPARSE,
+            int8_ops=3341e12 * _SPARSE,
+        ),
+    ),
+    (
+        ("h200",),
+        GpuPeaks(
+            model="H200 SXM",
+            hbm_bytes_per_s=4.8e12,
+            bf16_flops=1979e12 * _SPARSE,
+            int8_ops=3958e12 * _SPARSE,
+        ),
+    ),
+    (
+        ("h100", "nvl"),
+        GpuPeaks(
+            model="H100 NVL",
+            hbm_bytes_per_s=3.9e12,
+            bf16_flops=1671e12 * _SPARSE,
+            int8_ops=3341e12 * _SPARSE,
+        ),
+    ),
+    (
+        ("h100", "pcie"),
+        GpuPeaks(
+            model="H100 PCIe",
+            hbm_bytes_per_s=2.0e12,
+            bf16_flops=1513e12 * _SPARSE,
+            int8_ops=3026e12 * _SPARSE,
+        ),
+    ),
+    (
+        ("h100",),
+        GpuPeaks(
+            model="H100 SXM",
+            hbm_bytes_per_s=3.35e12,
+            bf16_flops=1979e12 * _SPARSE,
+            int8_ops=3958e12 * _SPARSE,
+        ),
+    ),
+    (
+        ("a100", "80gb", "pcie"),
+        GpuPeaks(
+            model="A100 80GB PCIe",
+            hbm_bytes_per_s=1.935e12,
+            bf16_flops=624e12 * _SPARSE,
+            int8_ops=1248e12 * _SPARSE,
+        ),
+    ),
+    (
+        ("a100", "80gb"),
+        GpuPeaks(
+            model="A100 80GB SXM",
+            hbm_bytes_per_s=2.039e12,
+            bf16_flops=624e12 * _SPARSE,
+            int8_ops=1248e12 * _SPARSE,
+        ),
+    ),
+    (
+        ("a100",),
+        GpuPeaks(
+            model="A100 40GB SXM",
+            hbm_bytes_per_s=1.555e12,
+            bf16_flops=624e12 * _SPARSE,
+            int8_ops=1248e12 * _SPARSE,
+        ),
+    ),
+)
 
 
 def known_gpu_peaks(device_name: str) -> GpuPeaks | None:
@@ -643,6 +711,162 @@ def _graph_note(extras: Sequence[Mapping[str, Any]], baseline: str | None) -> st
     return text
 
 
+# ---------------------------------------------------------------------------------------
+# The kernel goals of the issue (bench/README.md), read off the GPU kernel benchmarks
+
+_BF16 = "torch.matmul bf16"
+"""The baseline every kernel goal is stated against."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class KernelGoal:
+    """A speed goal of the bipolar kernels against bf16 ``torch.matmul`` on the same GPU,
+    held to the kernel-only (CUDA-graph) ratio: bf16 time / bitscale time."""
+
+    name: str
+    series: re.Pattern[str]
+    """Benchmark series it covers (``extra_info["series"]``, e.g. ``W4A16``)."""
+    min_m: int
+    max_m: int | None
+    min_ratio: float
+    worst_case_only: bool = False
+    """One row per series and device: its slowest case (a floor over every M and shape),
+    instead of one row per case."""
+
+
+KERNEL_GOALS = (
+    KernelGoal(
+        name="W4A16 >= 3x at M = 1", series=re.compile(r"W4A16"), min_m=1, max_m=1, min_ratio=3.0
+    ),
+    KernelGoal(
+        name="W2A16 >= 5x at M = 1", series=re.compile(r"W2A16"), min_m=1, max_m=1, min_ratio=5.0
+    ),
+    KernelGoal(
+        name="W1A16 >= 7x at M = 1", series=re.compile(r"W1A16"), min_m=1, max_m=1, min_ratio=7.0
+    ),
+    KernelGoal(
+        name="W8A8 >= 1.3x at M >= 1024",
+        series=re.compile(r"W8A8"),
+        min_m=1024,
+        max_m=None,
+        min_ratio=1.3,
+    ),
+    KernelGoal(
+        name="never slower than bf16",
+        series=re.compile(r"W\dA(16|8)"),
+        min_m=1,
+        max_m=None,
+        min_ratio=1.0,
+        worst_case_only=True,
+    ),
+)
+"""The issue's goals on an H100 (kernels section 5 of the research notes)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class GoalRow:
+    """A goal's verdict on one case (or, for a floor, a series' slowest case) of one device's
+    newest day: medians over that day's runs."""
+
+    goal: str
+    case: str
+    ratio: float
+    """CUDA-graph ratio, bf16 time / bitscale time."""
+    eager_ratio: float | None
+    device: str
+    date: str
+    quick: bool
+    runs: int
+    met: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class _GoalCase:
+    """One GPU kernel case of a device's newest day: medians over that day's runs."""
+
+    device: str
+    date: str
+    quick: bool
+    series: str
+    case: str
+    m: int
+    ratio: float
+    eager_ratio: float | None
+    runs: int
+
+
+def _goal_cases(documents: Iterable[Mapping[str, Any]]) -> list[_GoalCase]:
+    """bitscale's GPU kernel cases that recorded a CUDA-graph time of bf16 torch.matmul."""
+    by_case: dict[tuple, list[_Measurement]] = defaultdict(list)
+    for m in _measurements(documents):
+        graph_bf16 = (m.extra.get("graph_baseline_seconds") or {}).get(_BF16)
+        if m.provider == BITSCALE_PROVIDER and graph_bf16 and "M" in (m.extra.get("shape") or {}):
+            by_case[(m.device, m.quick, str(m.extra.get("series")), m.case)].append(m)
+    newest: dict[str, str] = defaultdict(str)
+    for (device, *_), measurements in by_case.items():
+        newest[device] = max(newest[device], *(m.date for m in measurements))
+    cases = []
+    for (device, quick, series, case), measurements in sorted(by_case.items()):
+        # The newest day only, as in build_rows: older days measured older code.
+        day = [m for m in measurements if m.date == newest[device]]
+        if not day:
+            continue
+        ratios = [m.extra["graph_baseline_seconds"][_BF16] / m.extra["graph_seconds"] for m in day]
+        eager = [float(m.extra["ratio_to_baseline"]) for m in day if m.baseline == _BF16]
+        cases.append(
+            _GoalCase(
+                device=device,
+                date=newest[device],
+                quick=quick,
+                series=series,
+                case=case,
+                m=int(day[0].extra["shape"]["M"]),
+                ratio=statistics.median(ratios),
+                eager_ratio=_median(eager),
+                runs=len(day),
+            )
+        )
+    return cases
+
+
+def kernel_goal_rows(documents: Iterable[Mapping[str, Any]]) -> list[GoalRow]:
+    """Each of :data:`KERNEL_GOALS` against the GPU kernel benchmarks that recorded a
+    CUDA-graph time of bf16 ``torch.matmul`` beside bitscale's, per device and mode (full
+    or quick), on that device's newest day. A goal no benchmark covers has no row."""
+    cases = _goal_cases(documents)
+    rows = []
+    for goal in KERNEL_GOALS:
+        covered = [
+            c
+            for c in cases
+            if goal.series.fullmatch(c.series)
+            and c.m >= goal.min_m
+            and (goal.max_m is None or c.m <= goal.max_m)
+        ]
+        if goal.worst_case_only:
+            slowest: dict[tuple, _GoalCase] = {}
+            for c in covered:
+                key = (c.device, c.quick, c.series)
+                if key not in slowest or c.ratio < slowest[key].ratio:
+                    slowest[key] = c
+            covered = [slowest[key] for key in sorted(slowest)]
+        rows += [
+            GoalRow(
+                goal=goal.name,
+                case=c.case,
+                ratio=c.ratio,
+                eager_ratio=c.eager_ratio,
+                device=c.device,
+                date=c.date,
+                quick=c.quick,
+                runs=c.runs,
+                met=c.ratio >= goal.min_ratio,
+            )
+            for c in covered
+        ]
+    return rows
+
+
 def _not_run(documents: Iterable[Mapping[str, Any]]) -> list[tuple[str, str, str, str]]:
     """(subsystem, test, outcome, message) of the latest run per device that skipped or failed."""
     latest: dict[tuple[str, str], tuple[str, str, str]] = {}  # (test, device) -> outcome
@@ -694,13 +918,44 @@ def _plot_file(subsystem: str, group: str) -> str:
     return f"{_slug(subsystem)}-{_slug(group)}.png"
 
 
+def _render_goals(goals: Sequence[GoalRow]) -> list[str]:
+    lines = [
+        "## Kernel goals",
+        "",
+        "The issue's goals for the bipolar kernels, each against bf16 `torch.matmul` on the "
+        "same GPU in the same run: **ratio** = bf16 kernel time / bitscale kernel time, both "
+        "replayed in CUDA graphs (kernel-only; the eager ratio beside it includes the host's "
+        "launch path). A floor goal shows each series' slowest case.",
+        "",
+    ]
+    if goals:
+        lines += [
+            "| goal | case | ratio | eager ratio | met | device | mode | runs |",
+            "|---|---|---:|---:|---|---|---|---:|",
+        ]
+        lines += [
+            f"| {g.goal} | {g.case} | {_format_ratio(g.ratio)} | {_format_ratio(g.eager_ratio)} "
+            f"| {'yes' if g.met else '**no**'} | {g.device} ({g.date}) | {_mode(g.quick)} "
+            f"| {g.runs} |"
+            for g in goals
+        ]
+        lines.append("")
+    measured = {g.goal for g in goals}
+    missing = [goal.name for goal in KERNEL_GOALS if goal.name not in measured]
+    if missing:
+        lines += [f"Not measured on a GPU yet: {'; '.join(missing)}.", ""]
+    return lines
+
+
 def render_markdown(
     rows: Sequence[Row],
     not_run: Sequence[tuple[str, str, str, str]],
     plots: Mapping[str, str],
     sources: Sequence[str],
+    goals: Sequence[GoalRow] = (),
 ) -> str:
-    """RESULTS.md: a table per subsystem, its plots (relative paths), then what did not run."""
+    """RESULTS.md: the kernel goals (:func:`kernel_goal_rows`), a table per subsystem, its
+    plots (relative paths), then what did not run."""
     lines = [
         "# Benchmark results",
         "",
@@ -716,6 +971,7 @@ def render_markdown(
         "**of limit** = achieved throughput / the physical limit named next to it. "
         "*quick* runs use reduced sizes and are only comparable with other quick runs.",
         "",
+        *_render_goals(goals),
     ]
     by_subsystem: dict[str, list[Row]] = defaultdict(list)
     for row in rows:
@@ -882,7 +1138,9 @@ def write_report(repo: Path) -> Path:
     written = render_plots(rows, plot_dir)
     plots = {name: f"results/plots/{name}" for name in written}
     sources = sorted(p.name for p in results_dir.glob("*.json"))
-    markdown = render_markdown(rows, _not_run(documents), plots, sources)
+    markdown = render_markdown(
+        rows, _not_run(documents), plots, sources, kernel_goal_rows(documents)
+    )
     out = repo / "bench" / "RESULTS.md"
     _atomic_write_text(out, markdown)
     return out

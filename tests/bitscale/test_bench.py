@@ -22,8 +22,10 @@ from bitscale.bench import (
     build_rows,
     device_slug,
     find_repo_root,
+    kernel_goal_rows,
     known_gpu_peaks,
     ratio_to_baseline,
+    render_markdown,
     results_path,
     run_suite,
     write_report,
@@ -203,6 +205,66 @@ def test_gpu_cases_show_their_cuda_graph_times() -> None:
     assert row.note == "CUDA graph: 12 µs vs 12 µs (1.10x)"
     (plain,) = build_rows([_document("cpu-2core", [[_bench("test_cpu", 1.0, {})]])])
     assert plain.note == ""
+
+
+def _gpu_case(series: str, m: int, ratio: float, *, eager: float = 0.5) -> dict[str, Any]:
+    """A GPU kernel case as bench/kernels records it: bf16's CUDA-graph time ``ratio``
+    times bitscale's."""
+    return _bench(
+        f"test_gpu_linear[{m}-{series}]",
+        20e-6,
+        {
+            "case": f"M={m} N=4096 K=4096 {series}",
+            "shape": {"M": m, "N": 4096, "K": 4096},
+            "series": series,
+            "baseline": "torch.matmul bf16",
+            "ratio_to_baseline": eager,
+            "graph_seconds": 10e-6,
+            "graph_baseline_seconds": {"torch.matmul bf16": ratio * 10e-6, "bit planes": 1.0},
+        },
+    )
+
+
+def test_kernel_goals_read_the_cuda_graph_ratios() -> None:
+    """Each goal covers its series and rows (W8A8 from M = 1024), judged on the median
+    CUDA-graph ratio of the newest day; the floor keeps each series' slowest case; cases
+    without a bf16 graph time (the expansion crossover, CPU runs) count for none."""
+    day = [
+        _gpu_case("W4A16", 1, 3.2),
+        _gpu_case("W4A16", 16, 0.9),
+        _gpu_case("W2A16", 1, 4.0),
+        _gpu_case("W8A8", 256, 1.1),
+        _gpu_case("W8A8", 4096, 1.5),
+        _gpu_case("W4A4 bit-plane", 16, 0.1),
+    ]
+    crossover = _gpu_case("W4A16 expanded", 256, 0.1)
+    crossover["extra_info"]["graph_baseline_seconds"] = {"planes in the K loop": 1e-6}
+    second_run = [_gpu_case("W4A16", 1, 2.6)]  # the W4A16 M = 1 median: 2.9x over 3 runs
+    third_run = [_gpu_case("W4A16", 1, 2.9)]
+    older = _gpu_case("W1A16", 1, 9.0)  # an older day: older code, not counted
+    documents = [
+        _document("nvidia-h100", [[older]], quick=False, date="2026-11-25"),
+        _document("nvidia-h100", [[*day, crossover], second_run, third_run], quick=False),
+        _document("cpu-2core", [[_bench("test_cpu_linear", 1.0, {"series": "W4A16"})]]),
+    ]
+    rows = kernel_goal_rows(documents)
+    verdicts = [(r.goal, r.case.split(" N=")[0], round(r.ratio, 2), r.met) for r in rows]
+    assert verdicts == [
+        ("W4A16 >= 3x at M = 1", "M=1", 2.9, False),
+        ("W2A16 >= 5x at M = 1", "M=1", 4.0, False),
+        ("W8A8 >= 1.3x at M >= 1024", "M=4096", 1.5, True),
+        ("never slower than bf16", "M=1", 4.0, True),  # W2A16's only case
+        ("never slower than bf16", "M=16", 0.9, False),  # W4A16's slowest
+        ("never slower than bf16", "M=256", 1.1, True),  # W8A8's slowest
+    ]
+    first = rows[0]
+    assert (first.runs, first.eager_ratio, first.date, first.quick) == (3, 0.5, "2026-11-26", False)
+    markdown = render_markdown([], [], {}, ["nvidia-h100-2026-11-26.json"], rows)
+    assert (
+        "| W4A16 >= 3x at M = 1 | M=1 N=4096 K=4096 W4A16 | 2.90x | 0.50x | **no** "
+        "| nvidia-h100 (2026-11-26) | full | 3 |" in markdown
+    )
+    assert "Not measured on a GPU yet: W1A16 >= 7x at M = 1." in markdown
 
 
 def _fake_repo(root: Path) -> Path:
