@@ -1151,7 +1151,7 @@ def write_report(repo: Path) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench_command", metavar="{run,report}", required=True)
+    sub = parser.add_subparsers(dest="bench_command", metavar="{run,report,goals}", required=True)
     run = sub.add_parser("run", help="run the benchmarks and append to bench/results/")
     run.add_argument(
         "--quick",
@@ -1177,6 +1177,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="after `--`: extra pytest arguments, e.g. -- -k lazy",
     )
     sub.add_parser("report", help="render bench/results/*.json into bench/RESULTS.md and plots")
+    sub.add_parser(
+        "goals",
+        help="print the kernel goals against bench/results/*.json (RESULTS.md's first table)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -1185,6 +1189,10 @@ def main(args: argparse.Namespace) -> int:
         if args.bench_command == "report":
             out = write_report(repo)
             print(f"wrote {out.relative_to(repo)}")
+            return 0
+        if args.bench_command == "goals":
+            documents = load_results(repo / "bench" / "results")
+            print("\n".join(_render_goals(kernel_goal_rows(documents))))
             return 0
         if args.repeat < 1:
             raise BenchError(f"--repeat must be >= 1, got {args.repeat}")

@@ -6,7 +6,8 @@
 #   2. every `gpu`-marked test, compiled kernels against the exact oracle,
 #   3. the GPU kernel benchmarks, in chunks, each appending a run to
 #      bench/results/<device>-<date>.json, so a chunk cut off by the time box loses
-#      only itself.
+#      only itself,
+#   4. the issue's kernel goals read off the results (`bitscale bench goals`).
 #
 # Logs and the results file land in $OUT (default runs/gpu-check). Time boxes, in
 # seconds: TEST_SECONDS (default 180) and BENCH_SECONDS (default 300, all chunks
@@ -72,6 +73,10 @@ for chunk in "${chunks[@]}"; do
         2>&1 | tee -a "$out/bench.log"
     find bench/results -maxdepth 1 -name '*.json' -newer "$out/env.txt" -exec cp {} "$out/" \;
 done
+
+# The issue's kernel goals against every results file, this run's included (last, so the
+# verdict ends the output a short lease sees).
+"$python" -m bitscale bench goals 2>&1 | tee "$out/goals.md"
 
 stamp "done; files in $out: $(ls "$out" | tr '\n' ' ')"
 exit "$tests_status"

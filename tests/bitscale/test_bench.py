@@ -267,6 +267,23 @@ def test_kernel_goals_read_the_cuda_graph_ratios() -> None:
     assert "Not measured on a GPU yet: W1A16 >= 7x at M = 1." in markdown
 
 
+def test_bench_goals_prints_the_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`bitscale bench goals`: the goals table alone, on stdout, writing nothing."""
+    repo = _fake_repo(tmp_path)
+    document = _document("nvidia-h100", [[_gpu_case("W1A16", 1, 7.5)]], quick=False)
+    (repo / "bench" / "results" / "nvidia-h100-2026-11-26.json").write_text(json.dumps(document))
+    monkeypatch.chdir(repo)
+    assert main(["bench", "goals"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("## Kernel goals")
+    assert "| W1A16 >= 7x at M = 1 | M=1 N=4096 K=4096 W1A16 | 7.50x | 0.50x | yes |" in out
+    assert "| never slower than bf16 | M=1 N=4096 K=4096 W1A16 | 7.50x |" in out
+    assert "Not measured on a GPU yet: W4A16 >= 3x at M = 1; W2A16 >= 5x at M = 1;" in out
+    assert not (repo / "bench" / "RESULTS.md").exists()
+
+
 def _fake_repo(root: Path) -> Path:
     (root / "bench" / "results").mkdir(parents=True)
     (root / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text())
