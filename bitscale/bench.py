@@ -173,79 +173,15 @@ class GpuPeaks:
 # torch.cuda.get_device_name(), most specific patterns first.
 _SPARSE = 0.5
 _GPU_PEAKS: tuple[tuple[tuple[str, ...], GpuPeaks], ...] = (
-    (
-        ("h200", "nvl"),
-        GpuPeaks(
-            model="H200 NVL",
-            hbm_bytes_per_s=4.8e12,
-            bf16_flops=1671e12 * _SPARSE,
-            int8_ops=3341e12 * _SPARSE,
-        ),
-    ),
-    (
-        ("h200",),
-        GpuPeaks(
-            model="H200 SXM",
-            hbm_bytes_per_s=4.8e12,
-            bf16_flops=1979e12 * _SPARSE,
-            int8_ops=3958e12 * _SPARSE,
-        ),
-    ),
-    (
-        ("h100", "nvl"),
-        GpuPeaks(
-            model="H100 NVL",
-            hbm_bytes_per_s=3.9e12,
-            bf16_flops=1671e12 * _SPARSE,
-            int8_ops=3341e12 * _SPARSE,
-        ),
-    ),
-    (
-        ("h100", "pcie"),
-        GpuPeaks(
-            model="H100 PCIe",
-            hbm_bytes_per_s=2.0e12,
-            bf16_flops=1513e12 * _SPARSE,
-            int8_ops=3026e12 * _SPARSE,
-        ),
-    ),
-    (
-        ("h100",),
-        GpuPeaks(
-            model="H100 SXM",
-            hbm_bytes_per_s=3.35e12,
-            bf16_flops=1979e12 * _SPARSE,
-            int8_ops=3958e12 * _SPARSE,
-        ),
-    ),
-    (
-        ("a100", "80gb", "pcie"),
-        GpuPeaks(
-            model="A100 80GB PCIe",
-            hbm_bytes_per_s=1.935e12,
-            bf16_flops=624e12 * _SPARSE,
-            int8_ops=1248e12 * _SPARSE,
-        ),
-    ),
-    (
-        ("a100", "80gb"),
-        GpuPeaks(
-            model="A100 80GB SXM",
-            hbm_bytes_per_s=2.039e12,
-            bf16_flops=624e12 * _SPARSE,
-            int8_ops=1248e12 * _SPARSE,
-        ),
-    ),
-    (
-        ("a100",),
-        GpuPeaks(
-            model="A100 40GB SXM",
-            hbm_bytes_per_s=1.555e12,
-            bf16_flops=624e12 * _SPARSE,
-            int8_ops=1248e12 * _SPARSE,
-        ),
-    ),
-)
+    (("h200", "nvl"), GpuPeaks(model="H200 NVL", hbm_bytes_per_s=4.8e12, bf16_flops=1671e12 * _SPARSE, int8_ops=3341e12 * _SPARSE)),
+    (("h200",), GpuPeaks(model="H200 SXM", hbm_bytes_per_s=4.8e12, bf16_flops=1979e12 * _SPARSE, int8_ops=3958e12 * _SPARSE)),
+    (("h100", "nvl"), GpuPeaks(model="H100 NVL", hbm_bytes_per_s=3.9e12, bf16_flops=1671e12 * _SPARSE, int8_ops=3341e12 * _SPARSE)),
+    (("h100", "pcie"), GpuPeaks(model="H100 PCIe", hbm_bytes_per_s=2.0e12, bf16_flops=1513e12 * _SPARSE, int8_ops=3026e12 * _SPARSE)),
+    (("h100",), GpuPeaks(model="H100 SXM", hbm_bytes_per_s=3.35e12, bf16_flops=1979e12 * _SPARSE, int8_ops=3958e12 * _SPARSE)),
+    (("a100", "80gb", "pcie"), GpuPeaks(model="A100 80GB PCIe", hbm_bytes_per_s=1.935e12, bf16_flops=624e12 * _SPARSE, int8_ops=1248e12 * _SPARSE)),
+    (("a100", "80gb"), GpuPeaks(model="A100 80GB SXM", hbm_bytes_per_s=2.039e12, bf16_flops=624e12 * _SPARSE, int8_ops=1248e12 * _SPARSE)),
+    (("a100",), GpuPeaks(model="A100 40GB SXM", hbm_bytes_per_s=1.555e12, bf16_flops=624e12 * _SPARSE, int8_ops=1248e12 * _SPARSE)),
+)  # fmt: skip
 
 
 def known_gpu_peaks(device_name: str) -> GpuPeaks | None:
@@ -807,7 +743,8 @@ def _goal_cases(documents: Iterable[Mapping[str, Any]]) -> list[_GoalCase]:
         newest[device] = max(newest[device], *(m.date for m in measurements))
     cases = []
     for (device, quick, series, case), measurements in sorted(by_case.items()):
-        # The newest day only, as in build_rows: older days measured older code.
+        # The device's newest day only: older days measured older code, and a verdict
+        # should not mix versions (build_rows keeps each row's own newest day).
         day = [m for m in measurements if m.date == newest[device]]
         if not day:
             continue
