@@ -9,7 +9,7 @@ Weights take 1..8 bits, activations 1..8 bits or stay float (``a_bits=16``).
   (per-channel / per-token scales, optional K-groups; "mse", "absmax", "meanabs").
 - :func:`pack_bitplanes` / :func:`unpack_bitplanes`: the bit-plane layout along K.
   :class:`WeightLayout` says how packed weights hold their codes: bit planes, or code
-  words (32 / w codes to an int32 word) for 2-, 4- and 8-bit weights.
+  words (32 / w codes to an int32 word) for 1-, 2-, 4- and 8-bit weights.
 - :func:`bipolar_mm_int`: the exact int64 product of codes, the contract every
   backend meets; :func:`bipolar_linear`: float in, float out.
 - :class:`BipolarLinear` and :func:`quantize_model`: drop-in nn.Linear

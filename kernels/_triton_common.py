@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 import torch
 import triton
 import triton.language as tl
+from bitscale.kernels.config import CODE_WORD_RUN
 
 __all__ = [
     "INTERPRETED",
@@ -26,6 +27,7 @@ __all__ = [
     "even_k",
     "expand_bits",
     "expand_sign_bits",
+    "first_tile_when_interpreted",
     "load_code_words",
     "m_bucket",
     "scaled_code_levels",
@@ -71,18 +73,39 @@ def autotune_configs(
         # The interpreter ignores warps/stages and autotune would run every
         # config: one small config, BLOCK_M/N >= 16 and BLOCK_K >= 32 like the
         # GPU compiler's int8 MMA needs, so CPU tests exercise compilable tiles;
-        # BLOCK_K = 64 holds a run of 2-bit code words.
-        return [tile_config((16, 16, 64, 4, 3))]
+        # BLOCK_K = 64 holds a run of 2-bit code words, 128 one of 1-bit words
+        # (first_tile_when_interpreted keeps one, so autotune times none).
+        return [tile_config((16, 16, 64, 4, 3)), tile_config((16, 16, 128, 4, 3))]
     configs = [tile_config(tile) for tile in tiles]
     return configs + [tile_config(tile, swap_ab=True) for tile in swapped_tiles]
 
 
 def tiles_for_rows(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """An autotune ``early_config_prune``: tiles no taller than the rows' M_BUCKET, 16 at
-    least (the shortest MMA tile). Rows past M are padding, and each tile autotune weighs
-    is one more compile and timing per shape, on GPU leases of minutes."""
+    least (the shortest MMA tile), whose K-tiles hold whole runs of code words where the
+    weight (``w_ptr``) is code words. Rows past M are padding, and each tile autotune
+    weighs is one more compile and timing per shape, on GPU leases of minutes."""
     rows = max(named_args["M_BUCKET"], 16)
-    return [config for config in configs if config.kwargs["BLOCK_M"] <= rows]
+    weight = named_args.get("w_ptr")
+    code_words = weight is not None and weight.dtype == torch.int32
+    run = CODE_WORD_RUN // kwargs["W_BITS"] if code_words else 1
+    return [
+        config
+        for config in configs
+        if config.kwargs["BLOCK_M"] <= rows and config.kwargs["BLOCK_K"] % run == 0
+    ]
+
+
+def first_tile_when_interpreted(prune: Callable[..., list[triton.Config]]) -> Callable:
+    """``prune`` (an ``early_config_prune``) for this process: in the interpreter only the
+    first tile it keeps, since autotune there would run every config it is left."""
+    if not INTERPRETED:
+        return prune
+
+    def first_tile(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        return prune(configs, named_args, **kwargs)[:1]
+
+    return first_tile
 
 
 def byte_aligned(group_k: int, num_groups: int) -> bool:
@@ -234,6 +257,10 @@ def _code_word_field(
         field = half & ((((1 << W_BITS) - 1) << shift) | 0x4B000000)
         offset: tl.constexpr = 8388608.0 + (1 << (W_BITS - 1 + shift)) - (1 << (shift - 1))
         return field.to(tl.float32, bitcast=True) - offset
+    elif PAIR_MAGIC and W_BITS == 1:
+        # 1 bit: pair C's bits C and 16 + C, shifted to bits 15 and 31, flip the sign bits
+        # of PAIR_MAGIC's two -1s where set (+1 for bit 1, -1 for bit 0).
+        return ((word << (15 - C)) & 0x80008000) ^ PAIR_MAGIC
     elif PAIR_MAGIC:
         # Pair C's codes start at bits C * W and 16 + C * W; shifted to bits 1 and 17 they
         # read 2U (mask) and 2U + 1 over the magic (PAIR_MAGIC's bits 0 and 16).
@@ -331,9 +358,9 @@ def scaled_code_levels(words, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, W_BITS:
     -(2^23 + 2^(W - 1 + s) - 2^(s - 1)) leaves (2U - 2^W + 1) * 2^(s - 1) exactly (both
     operands are integers in [2^23, 2^24), all of which float32 holds). The LOP3 and FADD
     are all a code costs before its FMA: the (1, 32, 256) GEMV's K loop runs 4.4 SASS
-    instructions per W4 code, against 8.6 gathering bit planes. The powers (at most 2^14)
-    leave the products exact and the sums' roundings unchanged while the partial sums
-    stay normal floats: below 2^113 in magnitude (float32 overflows at 2^128) and above
+    instructions per W4 code, against 8.6 gathering bit planes. The powers (at most 2^15,
+    at 1 bit) leave the products exact and the sums' roundings unchanged while the partial
+    sums stay normal floats: below 2^112 in magnitude (float32 overflows at 2^128) and above
     its subnormals."""
     low = (words << 1) | 0x4B000000
     high = (words >> 15) | 0x4B000000
@@ -367,19 +394,28 @@ def code_word_levels_16(
     16-bit floats, and one HADD2 subtracts both: the W4 (16, 64, 128) decode tile's K loop
     ran 4.7 SASS instructions per code, against 6.9 building float32 levels and converting
     them (Triton 3.9). A thread's pairs are the ones its MMA operand fragment holds
-    (WeightLayout.CODE_WORDS), which swapped tiles feed from registers."""
-    if dtype == tl.bfloat16:
+    (WeightLayout.CODE_WORDS), which swapped tiles feed from registers. 1-bit levels are
+    +-1: a pair's two bits become the sign bits of two -1s, with no subtraction (one shift
+    and two LOP3s, since a LOP3 takes one immediate and this takes a mask and the -1s):
+    2.95 SASS instructions per W1 code in the swapped (16, 64, 256) decode tile's K loop,
+    3.55 per W4 code (Triton 3.6)."""
+    tl.static_assert(
+        dtype == tl.bfloat16 or dtype == tl.float16, "16-bit levels are bfloat16 or float16"
+    )
+    if W_BITS == 1:
+        magic: tl.constexpr = 0xBF80 if dtype == tl.bfloat16 else 0xBC00  # -1.0
+    elif dtype == tl.bfloat16:
         tl.static_assert(W_BITS <= 6, "bfloat16 holds 2U + 1 in its fraction up to 6 bits")
         magic: tl.constexpr = 0x4301
-        base: tl.constexpr = 128.0
     else:
-        tl.static_assert(dtype == tl.float16, "16-bit levels are bfloat16 or float16")
         magic: tl.constexpr = 0x6401
-        base: tl.constexpr = 1024.0
     PAIRS: tl.constexpr = 16 // W_BITS
     pairs = _code_word_tree(words, words, 0, 1, PAIRS, 32 // W_BITS, W_BITS, False, magic * 0x10001)
     halves = tl.join(pairs.to(tl.uint16), (pairs >> 16).to(tl.uint16))
     fields = _runs_in_k_order(halves, ROWS, BLOCK_K, W_BITS).to(dtype, bitcast=True)
+    if W_BITS == 1:
+        return fields
+    base: tl.constexpr = 128.0 if dtype == tl.bfloat16 else 1024.0
     if _INTERPRETED_BF16 and dtype == tl.bfloat16:
         return (fields.to(tl.float32) - (base + (1 << W_BITS))).to(dtype)
     return fields - (base + (1 << W_BITS))
@@ -420,6 +456,7 @@ def unpack_weight_codes(
         words_NW = load_code_words(
             w_ptr, k_start, k_stop, offs_n, n_mask, stride_wn, W_BITS, EVEN_K, BLOCK_K
         )
+        tl.static_assert(not SIGN_BITS, "sign bits come from bit planes")
         return tl.trans(_code_word_fields(words_NW, words_NW, BLOCK_N, BLOCK_K, W_BITS, False))
     elif BYTE_ALIGNED:
         offs_byte = k_start // 8 + tl.arange(0, BLOCK_K // 8)

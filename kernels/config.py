@@ -68,7 +68,7 @@ class WeightLayout(StrEnum):
     width, the fewest bytes for 3, 5, 6 and 7 bits."""
     CODE_WORDS = "code_words"
     """int32 [N, 4 * ceil(K / (128 // bits))]: codes along K, in runs of four words
-    (128 bits, 128 // bits codes); widths 2, 4 and 8. Code r of a run lies in word
+    (128 bits, 128 // bits codes); widths 1, 2, 4 and 8. Code r of a run lies in word
     (r // 2) % 4, at bit 16 * (r % 2) + bits * (r // 8): K-adjacent codes 2j and 2j + 1
     share a word, 16 bits apart as two 16-bit floats in one register, and a word holds
     the pairs at K offsets 2c, 2c + 8, 2c + 16, ... (c its place in the run), exactly the
@@ -82,17 +82,18 @@ class WeightLayout(StrEnum):
     A code comes out with a constant shift and mask where bit planes gather its bits
     first; the float-activation decode GEMV turns it into a float level with one
     masking LOP3 and one FADD, and the dot tiles a pair of codes into two 16-bit levels
-    with one shift, one LOP3 and one HADD2. 4.3 against 8.6 SASS instructions per W4
+    with one shift, one LOP3 and one HADD2 (1-bit pairs with one shift and two LOP3s:
+    their bits are the sign bits of two -1s). 4.3 against 8.6 SASS instructions per W4
     code in the (1, 32, 256) GEMV's K loop, 6.6 against 11.0 in the integer GEMM's
     (16, 32, 128) (scripts/sass_stats.py, Triton 3.9)."""
 
 
-CODE_WORD_BITS = (2, 4, 8)
+CODE_WORD_BITS = (1, 2, 4, 8)
 """Widths with a :attr:`WeightLayout.CODE_WORDS` layout: those that tile a 32-bit word."""
 
 CODE_WORD_RUN = 128
 """Bits in a run of four code words, the unit :attr:`WeightLayout.CODE_WORDS` orders
-codes in: 128 // bits codes (64 at 2 bits, 32 at 4, 16 at 8)."""
+codes in: 128 // bits codes (128 at 1 bit, 64 at 2, 32 at 4, 16 at 8)."""
 
 
 def weight_layout(w_bits: int, group_size: int | None) -> WeightLayout:

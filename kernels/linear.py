@@ -4,7 +4,7 @@ Training keeps float master weights and fake-quantizes weights (and, for
 ``a_bits <= 8``, activations) in the forward pass with a straight-through
 estimator, so gradients reach the master weights as if quantization were the
 identity (quantization-aware training). Eval quantizes the master weights once
-(cached until they change), packs them (code words for 2-, 4- and 8-bit weights,
+(cached until they change), packs them (code words for 1-, 2-, 4- and 8-bit weights,
 bit planes otherwise: see ``WeightLayout``) and runs them through the dispatched
 kernel.
 

@@ -163,7 +163,9 @@ def pack_code_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """int32 [N, code_word_count(bits, K)] code words (``WeightLayout.CODE_WORDS``) of
     uint8 codes [N, K]; a last, partial run of words is padded with zero codes."""
     if bits not in CODE_WORD_BITS:
-        raise ValueError(f"code words hold 2-, 4- or 8-bit codes, got bits={bits}")
+        raise ValueError(
+            f"code words hold {', '.join(map(str, CODE_WORD_BITS))}-bit codes, got bits={bits}"
+        )
     n, k = codes.shape
     per_run = CODE_WORD_RUN // bits
     runs = -(-k // per_run)

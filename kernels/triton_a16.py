@@ -29,6 +29,7 @@ from bitscale.kernels._triton_common import (
     code_level_unscale,
     code_word_levels_16,
     even_k,
+    first_tile_when_interpreted,
     load_code_words,
     m_bucket,
     scaled_code_levels,
@@ -92,7 +93,8 @@ SPLIT_K_MAX_M = 16
 # On code words each lane unpacks exactly the levels its wgmma fragment holds (the runs
 # of WeightLayout.CODE_WORDS), so they go from the words to the MMA with no shuffle
 # through shared memory: the (16, 64, 256) decode tile's K loop runs 3.55 SASS
-# instructions per W4 code on Triton 3.6, 2.90 on 3.9 (4.38 and 3.85 in plain word order).
+# instructions per W4 code on Triton 3.6, 2.90 on 3.9 (4.38 and 3.85 in plain word order),
+# and 2.95 / 2.45 per W1 code, whose levels need no subtraction.
 # BLOCK_N >= 64 per 4 warps, wgmma's M. A static reading, unmeasured: autotune weighs them.
 # Not for expanded weights, whose levels load through shared memory like x (in flight
 # either way). The (16, 64, 256) tile split 4 ways keeps its 3.6 per code (Triton 3.6) and
@@ -121,19 +123,20 @@ def _rows_fit(configs: list[triton.Config], named_args: dict, **kwargs) -> list[
     times), split-K tiles only up to SPLIT_K_MAX_M rows, where the launcher allocates
     their workspace, and swapped tiles only on packed weights."""
     bucket = named_args["M_BUCKET"]
-    return [
+    candidates = [
         config
-        for config in tiles_for_rows(configs, named_args)
+        for config in configs
         if (bucket == 1 or config.kwargs["BLOCK_M"] > 1)
         and (bucket <= SPLIT_K_MAX_M or config.kwargs.get("SPLIT_K", 1) == 1)
         and not (kwargs["W_LEVELS"] and config.kwargs.get("SWAP_AB", False))
     ]
+    return tiles_for_rows(candidates, named_args, **kwargs)
 
 
 @triton.autotune(
     configs=autotune_configs(_A16_TILES + _A16_SPLIT_K_TILES, _A16_SWAPPED_TILES),
     key=["M_BUCKET", "N", "K", "GROUP_K", "W_BITS", "W_LEVELS"],
-    prune_configs_by={"early_config_prune": _rows_fit},
+    prune_configs_by={"early_config_prune": first_tile_when_interpreted(_rows_fit)},
 )
 @triton.heuristics({"EVEN_K": even_k})
 @triton.jit
@@ -168,10 +171,11 @@ def _bipolar_a16_kernel(
     SPLIT_K: tl.constexpr = 1,
     SWAP_AB: tl.constexpr = False,
 ):
-    # 1-bit decode: the levels' sign bits applied to x, instead of levels and FMAs.
-    GEMV_SIGNS: tl.constexpr = BLOCK_M == 1 and W_BITS == 1 and not W_LEVELS
     # Decode on code words: levels scaled by powers of two, undone once per group.
     GEMV_WORDS: tl.constexpr = BLOCK_M == 1 and w_ptr.dtype.element_ty == tl.int32
+    # 1-bit decode on bit planes: the levels' sign bits applied to x, instead of levels
+    # and FMAs.
+    GEMV_SIGNS: tl.constexpr = BLOCK_M == 1 and W_BITS == 1 and not (W_LEVELS or GEMV_WORDS)
     # Dot tiles on code words and 16-bit activations build their levels in that dtype
     # (code_word_levels_16).
     x_dtype: tl.constexpr = x_ptr.dtype.element_ty

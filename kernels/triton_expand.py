@@ -39,8 +39,8 @@ EXPAND_MIN_M = 128
 measurements above; bench/kernels ``expand`` times both paths)."""
 
 # (BLOCK_N, BLOCK_K): 8K codes per program; the interpreter gets a small tile (BLOCK_K
-# holding a run of 2-bit code words).
-_EXPAND_TILE = (16, 64) if INTERPRETED else (32, 256)
+# holding a run of 1-bit code words, 128 codes).
+_EXPAND_TILE = (16, 128) if INTERPRETED else (32, 256)
 
 
 @triton.jit

@@ -30,6 +30,7 @@ from bitscale.kernels._triton_common import (
     autotune_configs,
     byte_aligned,
     even_k,
+    first_tile_when_interpreted,
     m_bucket,
     store_dtype,
     tile_grid,
@@ -38,7 +39,7 @@ from bitscale.kernels._triton_common import (
     unpack_weight_codes,
     weight_strides,
 )
-from bitscale.kernels.config import WeightLayout, weight_layout
+from bitscale.kernels.config import CODE_WORD_BITS, WeightLayout, weight_layout
 from bitscale.kernels.reference import code_word_count
 
 __all__ = ["INTERPRETED", "bipolar_gemm", "quantize_activations"]
@@ -75,7 +76,7 @@ _GEMM_TILES = (
 @triton.autotune(
     configs=autotune_configs(_GEMM_TILES),
     key=["M_BUCKET", "N", "K", "GROUP_K", "W_BITS", "W_CODES"],
-    prune_configs_by={"early_config_prune": tiles_for_rows},
+    prune_configs_by={"early_config_prune": first_tile_when_interpreted(tiles_for_rows)},
 )
 @triton.heuristics({"EVEN_K": even_k})
 @triton.jit
@@ -230,8 +231,9 @@ def bipolar_gemm(
         group_size = group_k if num_groups > 1 else None
         if weight_layout(w_bits, group_size) is not WeightLayout.CODE_WORDS:
             raise ValueError(
-                f"code words hold 2-, 4- or 8-bit weights whose K-groups start on a word; "
-                f"got w_bits={w_bits}, group_k={group_k}: pass bit planes instead"
+                f"code words hold {', '.join(map(str, CODE_WORD_BITS))}-bit weights whose "
+                f"K-groups start on a run of words; got w_bits={w_bits}, group_k={group_k}: "
+                "pass bit planes instead"
             )
         n = w_packed.shape[0] if w_packed.dim() == 2 else -1
         _require(w_packed, "w_packed", torch.int32, (n, code_word_count(w_bits, k)))

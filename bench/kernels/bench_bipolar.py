@@ -208,7 +208,7 @@ def _gpu_compare(
 def test_gpu_weight_only_linear(
     benchmark, bench_compare: Callable, limits, quick: bool, w_bits: int, nk, m: int
 ) -> None:
-    """The layout BipolarLinear packs (code words at 2, 4 and 8 bits), against bf16 and,
+    """The layout BipolarLinear packs (code words at 1, 2, 4 and 8 bits), against bf16 and,
     where it is not bit planes, against bit planes in the same run."""
     n, k = nk
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

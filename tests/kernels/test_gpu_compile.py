@@ -175,7 +175,7 @@ def _compile_all(inspect: Callable[[Any, Any], Any] | None = None) -> list[tuple
         triton_gemm._GEMM_TILES,
         "",
     )
-    # 2-, 4- and 8-bit layers pack code words (WeightLayout.CODE_WORDS).
+    # 1-, 2-, 4- and 8-bit layers pack code words (WeightLayout.CODE_WORDS).
     sweep(
         triton_gemm._bipolar_gemm_kernel,
         {**gemm_signature("*bf16"), "w_ptr": "*i32"},
@@ -183,7 +183,7 @@ def _compile_all(inspect: Callable[[Any, Any], Any] | None = None) -> list[tuple
         triton_gemm._GEMM_TILES,
         " code words",
     )
-    for out, w_bits in (("*fp16", 2), ("*i64", 8)):
+    for out, w_bits in (("*fp16", 2), ("*i64", 8), ("*bf16", 1)):
         build(
             triton_gemm._bipolar_gemm_kernel,
             {**gemm_signature(out), "w_ptr": "*i32"},
@@ -303,8 +303,9 @@ def _compile_all(inspect: Callable[[Any, Any], Any] | None = None) -> list[tuple
             targets=both,
             odd_shapes=byte_aligned,
         )
-    # Weight-only 2-, 4- and 8-bit layers pack code words (WeightLayout.CODE_WORDS): the
-    # GEMV tiles decode them with scaled levels, the others unpack their codes.
+    # Weight-only 1-, 2-, 4- and 8-bit layers pack code words (WeightLayout.CODE_WORDS):
+    # the GEMV tiles decode them with scaled levels, the others unpack their codes (16-bit
+    # levels from pairs of them; at 1 bit, signs).
     sweep(
         triton_a16._bipolar_a16_kernel,
         {**a16_signature("*bf16"), "w_ptr": "*i32"},
@@ -317,6 +318,8 @@ def _compile_all(inspect: Callable[[Any, Any], Any] | None = None) -> list[tuple
         ("*fp32", 8, (1, 32, 256, 4, 3)),
         ("*fp16", 8, (16, 32, 128, 4, 4)),
         ("*bf16", 2, (16, 32, 128, 4, 4)),
+        ("*fp16", 1, (1, 32, 256, 4, 3)),
+        ("*bf16", 1, (16, 32, 128, 4, 4)),
     ):
         build(
             triton_a16._bipolar_a16_kernel,
@@ -350,13 +353,28 @@ def _compile_all(inspect: Callable[[Any, Any], Any] | None = None) -> list[tuple
             targets=both,
             odd_shapes=True,
         )
-    # 2-bit decode on the swapped (16, 64, 256) tile: a run of words holds 64 codes.
+    # 2- and 1-bit decode on the swapped (16, 64, 256) tiles, whole and split: a run of
+    # words holds 64 and 128 codes.
+    for w_bits, tile in (
+        (2, triton_a16._A16_SWAPPED_TILES[1]),
+        (1, triton_a16._A16_SWAPPED_TILES[1]),
+        (1, triton_a16._A16_SWAPPED_TILES[3]),
+    ):
+        build(
+            triton_a16._bipolar_a16_kernel,
+            {**a16_signature("*bf16"), "w_ptr": "*i32"},
+            a16_flags(w_bits) | {"SWAP_AB": True, "M": 1, "M_BUCKET": 1, "NUM_GROUPS": 1},
+            f"w{w_bits} bf16 code words swapped decode M=1 {tile}",
+            tile=tile,
+        )
     build(
         triton_a16._bipolar_a16_kernel,
-        {**a16_signature("*bf16"), "w_ptr": "*i32"},
-        a16_flags(2) | {"SWAP_AB": True, "M": 1, "M_BUCKET": 1, "NUM_GROUPS": 1},
-        "w2 bf16 code words swapped decode M=1",
-        tile=triton_a16._A16_SWAPPED_TILES[1],
+        {**a16_signature("*fp16"), "w_ptr": "*i32"},
+        a16_flags(1) | {"SWAP_AB": True},
+        "w1 fp16 code words swapped",
+        tile=triton_a16._A16_SWAPPED_TILES[0],
+        targets=both,
+        odd_shapes=True,
     )
     sweep(
         triton_a16._bipolar_a16_kernel,
@@ -391,6 +409,7 @@ def _compile_all(inspect: Callable[[Any, Any], Any] | None = None) -> list[tuple
         (4, "*i32", "*bf16"),
         (2, "*i32", "*fp16"),
         (8, "*i32", "*fp32"),
+        (1, "*i32", "*bf16"),
     ):
         build(
             triton_expand._expand_weight_kernel,
@@ -453,8 +472,8 @@ def _compile_all(inspect: Callable[[Any, Any], Any] | None = None) -> list[tuple
 def test_every_kernel_compiles_for_sm90() -> None:
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    # With a cold Triton cache the 315 builds took 2.4 min on this machine's 2 cores (4.6
-    # min of CPU), under pytest's 300 s timeout.
+    # With a cold Triton cache the 337 builds took 2.1 min on this machine's 2 cores,
+    # under pytest's 300 s timeout.
     result = subprocess.run(
         [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600
     )
@@ -473,8 +492,9 @@ def test_every_kernel_compiles_for_sm90() -> None:
     assert sum("tile" in line for line in built) == (
         2 * 2 * (12 + 15 + 4) + 2 * (12 + 19) + 3 + 2 * 2 * 8
     )
-    assert sum("sm_80" in line for line in built) == 22 + 9 + 2
-    assert sum("odd shapes" in line for line in built) == 21 + 9 + 2
+    # per kernel: GEMM, activation quantizer, A16, expansion, bit-plane
+    assert sum("sm_80" in line for line in built) == 9 + 3 + 16 + 9 + 1
+    assert sum("odd shapes" in line for line in built) == 9 + 3 + 15 + 9 + 1
 
 
 if __name__ == "__main__":

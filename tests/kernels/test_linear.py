@@ -116,7 +116,8 @@ def test_packed_weights_follow_master_weight_updates() -> None:
         (4, 16, 12, WeightLayout.BITPLANES),  # a group would start mid-word
         (2, 16, 32, WeightLayout.BITPLANES),  # a group would start mid-run (64 codes)
         (3, 16, None, WeightLayout.BITPLANES),  # 3 bits do not tile a word
-        (1, 16, None, WeightLayout.BITPLANES),  # 1-bit planes are the codes themselves
+        (1, 16, None, WeightLayout.CODE_WORDS),
+        (1, 16, 64, WeightLayout.BITPLANES),  # a group would start mid-run (128 codes)
         (4, 8, None, WeightLayout.CODE_WORDS),  # the integer GEMM reads code words too
     ],
 )

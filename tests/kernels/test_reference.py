@@ -150,10 +150,16 @@ def test_code_word_layout() -> None:
     ]
     w8 = torch.tensor([[255, 1, 0, 0, 0, 0, 0, 0, 7]], dtype=torch.uint8)
     assert pack_code_words(w8, 8).tolist() == [[0x107FF, 0, 0, 0]]
+    w1 = torch.zeros(1, 128, dtype=torch.uint8)
+    w1[0, [0, 1, 2, 8, 127]] = 1  # a run of 1-bit words is 128 codes
+    assert pack_code_words(w1, 1).view(torch.uint32).tolist() == [
+        [1 | 1 << 16 | 1 << 1, 1, 0, 1 << 31]
+    ]
 
 
 @pytest.mark.parametrize(
-    ("bits", "group_size"), [(2, None), (4, 32), (8, 16), (3, None), (4, 12), (2, 48)]
+    ("bits", "group_size"),
+    [(1, None), (2, None), (4, 32), (8, 16), (3, None), (4, 12), (2, 48), (1, 32)],
 )
 def test_packed_weights_dequantize_like_the_tensor(bits: int, group_size: int | None) -> None:
     w = quantize(
@@ -175,6 +181,8 @@ def test_code_words_refuse_widths_and_groups_they_cannot_hold() -> None:
     assert weight_layout(4, 64) is WeightLayout.CODE_WORDS
     assert weight_layout(2, 64) is WeightLayout.CODE_WORDS
     assert weight_layout(8, 16) is WeightLayout.CODE_WORDS
+    assert weight_layout(1, 128) is WeightLayout.CODE_WORDS
+    assert weight_layout(1, 64) is WeightLayout.BITPLANES  # a run of 1-bit words is 128 codes
     assert weight_layout(4, 24) is WeightLayout.BITPLANES  # a run of 4-bit words is 32 codes
     assert weight_layout(2, 32) is WeightLayout.BITPLANES
     assert weight_layout(4, 12) is WeightLayout.BITPLANES

@@ -21,7 +21,7 @@ from bitscale.kernels import (
     pack_bitplanes,
     quantize,
 )
-from bitscale.kernels.config import WeightLayout
+from bitscale.kernels.config import CODE_WORD_RUN, WeightLayout, weight_layout
 from bitscale.kernels.dispatch import linear_packed
 from bitscale.kernels.reference import (
     bipolar_mm_int_reference,
@@ -72,13 +72,13 @@ def test_triton_mm_int_is_exact(
     assert torch.equal(out.cpu(), oracle_mm(x_codes, w_codes, a_bits, w_bits))
 
 
-@pytest.mark.parametrize("w_bits", [2, 4, 8])
+@pytest.mark.parametrize("w_bits", [1, 2, 4, 8])
 @pytest.mark.parametrize("a_bits", [1, 5, 8])
 @pytest.mark.parametrize("k", [77, 96])
 def test_triton_gemm_on_code_words_is_exact(
     a_bits: int, w_bits: int, k: int, oracle_mm: Callable
 ) -> None:
-    """The integer GEMM on code words (what 2/4/8-bit BipolarLinear layers pack), in the
+    """The integer GEMM on code words (what 1/2/4/8-bit BipolarLinear layers pack), in the
     K loop and expanded: K = 77 ends mid-word."""
     from bitscale.kernels.triton_gemm import bipolar_gemm
 
@@ -379,11 +379,14 @@ def test_triton_a16_gemv_tiles(
     fp32_error_bound: Callable,
 ) -> None:
     """The decode GEMV tiles (BLOCK_M = 1), forced: autotune offers them only at M = 1,
-    and the interpreter pins one 16-row tile."""
+    and the interpreter pins one 16-row tile. K-tiles of 32, or a run of 1-bit code
+    words (128 codes, what ungrouped W1 layers pack)."""
     import triton
     from bitscale.kernels import triton_a16
 
-    gemv = triton.Config({"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4)
+    words = weight_layout(w_bits, group_size) is WeightLayout.CODE_WORDS
+    block_k = max(32, CODE_WORD_RUN // w_bits) if words else 32
+    gemv = triton.Config({"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": block_k}, num_warps=4)
     monkeypatch.setattr(triton_a16._bipolar_a16_kernel, "configs", [gemv])
     generator = torch.Generator().manual_seed(w_bits)
     x = torch.randn(3, 96, generator=generator).to(dtype)  # one program per row
@@ -422,19 +425,20 @@ def test_one_bit_gemv_sign_flips_equal_the_level_products(
     assert signs.abs().sum() > 0
 
 
-# BLOCK_K = 64: a K-tile holds whole runs of code words (64 codes at 2 bits).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, SPLIT_K]); BLOCK_K = 64, or 128 at 1 bit:
+# a K-tile holds whole runs of code words (64 codes at 2 bits, 128 at 1).
 _CODE_WORD_TILES = {
-    "gemv": (1, 16, 64, 4, 3),
-    "gemv-split3": (1, 16, 64, 4, 3, 3),
-    "dot": (16, 16, 64, 4, 3),
-    "expanded": (16, 16, 64, 4, 3),
+    "gemv": (1, 16, 4, 3),
+    "gemv-split3": (1, 16, 4, 3, 3),
+    "dot": (16, 16, 4, 3),
+    "expanded": (16, 16, 4, 3),
 }
 
 
 @pytest.mark.parametrize("tile", list(_CODE_WORD_TILES))
-@pytest.mark.parametrize(("group_runs", "k"), [(None, 96), (None, 77), (1, 192), (2, 256)])
+@pytest.mark.parametrize(("group_runs", "k"), [(None, 96), (None, 77), (1, 384), (2, 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("w_bits", [2, 4, 8])
+@pytest.mark.parametrize("w_bits", [1, 2, 4, 8])
 def test_a16_on_code_words_matches_bit_planes(
     w_bits: int,
     dtype: torch.dtype,
@@ -444,7 +448,7 @@ def test_a16_on_code_words_matches_bit_planes(
     monkeypatch: pytest.MonkeyPatch,
     fp32_error_bound: Callable,
 ) -> None:
-    """Code words (what weight-only 2/4/8-bit layers pack) against the bit planes of the
+    """Code words (what weight-only 1/2/4/8-bit layers pack) against the bit planes of the
     same weight, on each forced tile: the GEMV's levels scaled by 2^(j * w), undone once
     per group, the split-K GEMV, the 16-row dot and the expanded weight. Their products
     and sums are the planes' bit for bit (powers of two rescale exactly); on a GPU the two
@@ -454,8 +458,12 @@ def test_a16_on_code_words_matches_bit_planes(
     from bitscale.kernels import triton_a16
     from bitscale.kernels._triton_common import tile_config
 
+    block_m, block_n, *launch = _CODE_WORD_TILES[tile]
+    block_k = max(64, CODE_WORD_RUN // w_bits)
     monkeypatch.setattr(
-        triton_a16._bipolar_a16_kernel, "configs", [tile_config(_CODE_WORD_TILES[tile])]
+        triton_a16._bipolar_a16_kernel,
+        "configs",
+        [tile_config((block_m, block_n, block_k, *launch))],
     )
     generator = torch.Generator().manual_seed(w_bits + k)
     rows = 1 if tile.startswith("gemv") else 3
@@ -485,8 +493,9 @@ def test_a16_on_code_words_matches_bit_planes(
         (5, WeightLayout.BITPLANES, 12),
         (4, WeightLayout.CODE_WORDS, 32),
         (2, WeightLayout.CODE_WORDS, None),
+        (1, WeightLayout.CODE_WORDS, None),
     ],
-    ids=["w3-planes", "w5-planes-g12", "w4-words-g32", "w2-words"],
+    ids=["w3-planes", "w5-planes-g12", "w4-words-g32", "w2-words", "w1-words"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_triton_a16_swapped_tiles(
@@ -501,11 +510,13 @@ def test_triton_a16_swapped_tiles(
     """Swapped tiles (out^T = levels @ x^T), forced: the accumulators transposed, the
     scales broadcast along the output's columns, the transpose back before the split-K
     partials and the store. BLOCK_N = 32 against BLOCK_M = 16 makes a transposition
-    slip a shape error; M = 3, N = 33 and K = 96 leave tiles partial in every dimension."""
+    slip a shape error; M = 3, N = 33 and K = 96 leave tiles partial in every dimension
+    (1-bit code words take K-tiles of 128, a run: there one K-tile, over 3 programs)."""
     from bitscale.kernels import triton_a16
     from bitscale.kernels._triton_common import tile_config
 
-    tile = tile_config((16, 32, 64, 4, 3, *split_k), swap_ab=True)
+    block_k = 128 if w_bits == 1 else 64
+    tile = tile_config((16, 32, block_k, 4, 3, *split_k), swap_ab=True)
     monkeypatch.setattr(triton_a16._bipolar_a16_kernel, "configs", [tile])
     generator = torch.Generator().manual_seed(w_bits)
     x = torch.randn(3, 96, generator=generator).to(dtype)
@@ -525,15 +536,24 @@ def test_triton_a16_swapped_tiles(
 def test_autotune_tiles_no_taller_than_the_rows() -> None:
     """Every autotuned kernel weighs only tiles up to M's bucket rows, 16 at least."""
     from bitscale.kernels import triton_bitplane, triton_gemm
-    from bitscale.kernels._triton_common import tile_config, tiles_for_rows
+    from bitscale.kernels._triton_common import INTERPRETED, tile_config, tiles_for_rows
 
     tiles = [tile_config((rows, 64, 64, 4, 3)) for rows in (16, 32, 64, 128)]
     assert tiles_for_rows(tiles, {"M_BUCKET": 1}) == tiles[:1]
     assert tiles_for_rows(tiles, {"M_BUCKET": 16}) == tiles[:1]
     assert tiles_for_rows(tiles, {"M_BUCKET": 64}) == tiles[:3]
     assert tiles_for_rows(tiles, {"M_BUCKET": 4096}) == tiles
+    # On code words, only K-tiles that hold whole runs (128 // w codes).
+    short, long = tile_config((16, 64, 64, 4, 3)), tile_config((16, 64, 128, 4, 3))
+    words = {"M_BUCKET": 16, "w_ptr": torch.zeros(1, dtype=torch.int32)}
+    planes = {"M_BUCKET": 16, "w_ptr": torch.zeros(1, dtype=torch.uint8)}
+    assert tiles_for_rows([short, long], words, W_BITS=1) == [long]
+    assert tiles_for_rows([short, long], words, W_BITS=2) == [short, long]
+    assert tiles_for_rows([short, long], planes, W_BITS=1) == [short, long]
+    # The kernels prune with it; the interpreter runs the first tile left.
     for kernel in (triton_gemm._bipolar_gemm_kernel, triton_bitplane._bipolar_bitplane_kernel):
-        assert kernel.early_config_prune is tiles_for_rows
+        kept = kernel.early_config_prune([short, long], words, W_BITS=2)
+        assert kept == ([short] if INTERPRETED else [short, long])
 
 
 def test_a16_autotune_candidates_by_rows() -> None:
@@ -892,7 +912,7 @@ def test_gpu_every_tile(
 @pytest.mark.gpu
 @pytest.mark.parametrize("group_size", [None, 128])
 @pytest.mark.parametrize("m", [1, 16])
-@pytest.mark.parametrize("w_bits", [2, 4, 8])
+@pytest.mark.parametrize("w_bits", [1, 2, 4, 8])
 def test_gpu_decode_on_code_words(
     w_bits: int, m: int, group_size: int | None, fp32_error_bound: Callable
 ) -> None:
