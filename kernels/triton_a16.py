@@ -99,11 +99,18 @@ SPLIT_K_MAX_M = 16
 # Not for expanded weights, whose levels load through shared memory like x (in flight
 # either way). The (16, 64, 256) tile split 4 ways keeps its 3.6 per code (Triton 3.6) and
 # puts 256 programs on N = 4096 at decode, where the unsplit one has 64 for 132 SMs.
+# In (16, 128, 256) one warpgroup issues two wgmmas per 16-wide K step, which share the
+# step's fences and x's shared-memory descriptors: about 185 K-loop instructions per K-tile
+# besides the unpack at either width, so per code it runs 2.21 (W1), 2.85 (W2) and 2.94
+# (W4) on Triton 3.6, 2.10 / 2.41 / 2.73 on 3.9, ungrouped in up to 237 registers; grouped
+# (the group loop around the K loop) it spills 8-48 bytes on code words, 88-184 on planes.
 _A16_SWAPPED_TILES = (
     (16, 64, 128, 4, 4),
     (16, 64, 256, 4, 3),
     (16, 64, 128, 4, 4, 8),
     (16, 64, 256, 4, 3, 4),
+    (16, 128, 256, 4, 3),
+    (16, 128, 256, 4, 3, 4),
     (64, 128, 64, 4, 3),
     (128, 128, 64, 4, 3),
     (128, 256, 64, 8, 3),
