@@ -27,7 +27,7 @@ __all__ = [
     "even_k",
     "expand_bits",
     "expand_sign_bits",
-    "first_tile_when_interpreted",
+    "k_tile_heuristics",
     "load_code_words",
     "m_bucket",
     "scaled_code_levels",
@@ -73,9 +73,9 @@ def autotune_configs(
         # The interpreter ignores warps/stages and autotune would run every
         # config: one small config, BLOCK_M/N >= 16 and BLOCK_K >= 32 like the
         # GPU compiler's int8 MMA needs, so CPU tests exercise compilable tiles;
-        # BLOCK_K = 64 holds a run of 2-bit code words, 128 one of 1-bit words
-        # (first_tile_when_interpreted keeps one, so autotune times none).
-        return [tile_config((16, 16, 64, 4, 3)), tile_config((16, 16, 128, 4, 3))]
+        # BLOCK_K = 64 holds a run of 2-bit code words (k_tile_heuristics widens it
+        # to 128 for 1-bit ones).
+        return [tile_config((16, 16, 64, 4, 3))]
     configs = [tile_config(tile) for tile in tiles]
     return configs + [tile_config(tile, swap_ab=True) for tile in swapped_tiles]
 
@@ -96,18 +96,6 @@ def tiles_for_rows(configs: list[triton.Config], named_args: dict, **kwargs) -> 
     ]
 
 
-def first_tile_when_interpreted(prune: Callable[..., list[triton.Config]]) -> Callable:
-    """``prune`` (an ``early_config_prune``) for this process: in the interpreter only the
-    first tile it keeps, since autotune there would run every config it is left."""
-    if not INTERPRETED:
-        return prune
-
-    def first_tile(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-        return prune(configs, named_args, **kwargs)[:1]
-
-    return first_tile
-
-
 def byte_aligned(group_k: int, num_groups: int) -> bool:
     """Whether every K-tile of a grouped kernel starts on a plane byte (``BYTE_ALIGNED``):
     tiles start at ``g * group_k`` plus multiples of BLOCK_K (>= 32)."""
@@ -122,6 +110,24 @@ def even_k(args: dict) -> bool:
     33 one-byte loads per iteration, against 4 eight-byte loads without the mask, and 10.6
     SASS instructions per weight code against 8.6 (scripts/sass_stats.py, Triton 3.9)."""
     return args["GROUP_K"] % args["BLOCK_K"] == 0
+
+
+def _interpreted_block_k(args: dict) -> int:
+    """The interpreter's BLOCK_K: its one tile's, or a run of 1-bit code words (128 codes)
+    where that tile's does not hold one."""
+    if args["w_ptr"].dtype != torch.int32:
+        return args["BLOCK_K"]
+    return max(args["BLOCK_K"], CODE_WORD_RUN // args["W_BITS"])
+
+
+def k_tile_heuristics() -> dict[str, Callable[[dict], object]]:
+    """The ``triton.heuristics`` of the kernels that read code words: :func:`even_k`, and
+    in the interpreter first a BLOCK_K that holds a run of code words. On a GPU
+    :func:`tiles_for_rows` prunes the tiles that do not; the interpreter keeps its one
+    config, since autotune there cannot time configs (that needs a GPU), and Triton 3.6
+    times even the single config a prune leaves."""
+    rules = {"EVEN_K": even_k}
+    return {"BLOCK_K": _interpreted_block_k, **rules} if INTERPRETED else rules
 
 
 # Plain-Python launch arithmetic: these run on every call, and triton.cdiv /

@@ -28,8 +28,7 @@ from bitscale.kernels._triton_common import (
     cdiv,
     code_level_unscale,
     code_word_levels_16,
-    even_k,
-    first_tile_when_interpreted,
+    k_tile_heuristics,
     load_code_words,
     m_bucket,
     scaled_code_levels,
@@ -143,9 +142,9 @@ def _rows_fit(configs: list[triton.Config], named_args: dict, **kwargs) -> list[
 @triton.autotune(
     configs=autotune_configs(_A16_TILES + _A16_SPLIT_K_TILES, _A16_SWAPPED_TILES),
     key=["M_BUCKET", "N", "K", "GROUP_K", "W_BITS", "W_LEVELS"],
-    prune_configs_by={"early_config_prune": first_tile_when_interpreted(_rows_fit)},
+    prune_configs_by={"early_config_prune": _rows_fit},
 )
-@triton.heuristics({"EVEN_K": even_k})
+@triton.heuristics(k_tile_heuristics())
 @triton.jit
 def _bipolar_a16_kernel(
     x_ptr,

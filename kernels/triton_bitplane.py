@@ -27,7 +27,6 @@ from bitscale.kernels._triton_common import (
     TILE_GROUP_ROWS,
     autotune_configs,
     expand_bits,
-    first_tile_when_interpreted,
     m_bucket,
     tile_grid,
     tile_of_program,
@@ -48,7 +47,7 @@ _BITPLANE_TILES = (
 @triton.autotune(
     configs=autotune_configs(_BITPLANE_TILES),
     key=["M_BUCKET", "N", "K", "A_BITS", "W_BITS"],
-    prune_configs_by={"early_config_prune": first_tile_when_interpreted(tiles_for_rows)},
+    prune_configs_by={"early_config_prune": tiles_for_rows},
 )
 @triton.jit
 def _bipolar_bitplane_kernel(

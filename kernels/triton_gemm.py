@@ -29,8 +29,7 @@ from bitscale.kernels._triton_common import (
     TILE_GROUP_ROWS,
     autotune_configs,
     byte_aligned,
-    even_k,
-    first_tile_when_interpreted,
+    k_tile_heuristics,
     m_bucket,
     store_dtype,
     tile_grid,
@@ -76,9 +75,9 @@ _GEMM_TILES = (
 @triton.autotune(
     configs=autotune_configs(_GEMM_TILES),
     key=["M_BUCKET", "N", "K", "GROUP_K", "W_BITS", "W_CODES"],
-    prune_configs_by={"early_config_prune": first_tile_when_interpreted(tiles_for_rows)},
+    prune_configs_by={"early_config_prune": tiles_for_rows},
 )
-@triton.heuristics({"EVEN_K": even_k})
+@triton.heuristics(k_tile_heuristics())
 @triton.jit
 def _bipolar_gemm_kernel(
     x_ptr,

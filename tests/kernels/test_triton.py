@@ -242,6 +242,29 @@ def test_even_k_sees_the_tile_autotune_picked(module: str, monkeypatch: pytest.M
         assert seen == [(128, 64, True), (77, 64, False)]
 
 
+@pytest.mark.parametrize("module", ["triton_gemm", "triton_a16"])
+def test_interpreter_widens_k_tiles_to_a_run_of_code_words(module: str) -> None:
+    """The interpreter runs one tile (BLOCK_K = 64), whose K-tiles a run of 1-bit code
+    words (128 codes) does not fit in: a heuristic widens them, before EVEN_K reads
+    BLOCK_K. On a GPU autotune prunes such tiles instead (tiles_for_rows)."""
+    import importlib
+
+    from bitscale.kernels._triton_common import INTERPRETED, k_tile_heuristics
+
+    kernel = getattr(
+        importlib.import_module(f"bitscale.kernels.{module}"), f"_bipolar_{module[7:]}_kernel"
+    )
+    rules = kernel.fn.values
+    if not INTERPRETED:
+        assert list(rules) == ["EVEN_K"]
+        return
+    assert list(rules) == ["BLOCK_K", "EVEN_K"] and list(k_tile_heuristics()) == list(rules)
+    words, planes = torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.uint8)
+    assert rules["BLOCK_K"]({"w_ptr": words, "W_BITS": 1, "BLOCK_K": 64}) == 128
+    assert rules["BLOCK_K"]({"w_ptr": words, "W_BITS": 2, "BLOCK_K": 64}) == 64
+    assert rules["BLOCK_K"]({"w_ptr": planes, "W_BITS": 1, "BLOCK_K": 64}) == 64
+
+
 def test_triton_kernels_across_bands_of_row_tiles(
     oracle_mm: Callable, fp32_error_bound: Callable
 ) -> None:
@@ -536,7 +559,7 @@ def test_triton_a16_swapped_tiles(
 def test_autotune_tiles_no_taller_than_the_rows() -> None:
     """Every autotuned kernel weighs only tiles up to M's bucket rows, 16 at least."""
     from bitscale.kernels import triton_bitplane, triton_gemm
-    from bitscale.kernels._triton_common import INTERPRETED, tile_config, tiles_for_rows
+    from bitscale.kernels._triton_common import tile_config, tiles_for_rows
 
     tiles = [tile_config((rows, 64, 64, 4, 3)) for rows in (16, 32, 64, 128)]
     assert tiles_for_rows(tiles, {"M_BUCKET": 1}) == tiles[:1]
@@ -550,10 +573,8 @@ def test_autotune_tiles_no_taller_than_the_rows() -> None:
     assert tiles_for_rows([short, long], words, W_BITS=1) == [long]
     assert tiles_for_rows([short, long], words, W_BITS=2) == [short, long]
     assert tiles_for_rows([short, long], planes, W_BITS=1) == [short, long]
-    # The kernels prune with it; the interpreter runs the first tile left.
     for kernel in (triton_gemm._bipolar_gemm_kernel, triton_bitplane._bipolar_bitplane_kernel):
-        kept = kernel.early_config_prune([short, long], words, W_BITS=2)
-        assert kept == ([short] if INTERPRETED else [short, long])
+        assert kernel.early_config_prune is tiles_for_rows
 
 
 def test_a16_autotune_candidates_by_rows() -> None:
