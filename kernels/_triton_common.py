@@ -86,14 +86,21 @@ def tiles_for_rows(configs: list[triton.Config], named_args: dict, **kwargs) -> 
     weight (``w_ptr``) is code words. Rows past M are padding, and each tile autotune
     weighs is one more compile and timing per shape, on GPU leases of minutes."""
     rows = max(named_args["M_BUCKET"], 16)
-    weight = named_args.get("w_ptr")
-    code_words = weight is not None and weight.dtype == torch.int32
-    run = CODE_WORD_RUN // kwargs["W_BITS"] if code_words else 1
+    run = _k_run({**named_args, **kwargs})
     return [
         config
         for config in configs
         if config.kwargs["BLOCK_M"] <= rows and config.kwargs["BLOCK_K"] % run == 0
     ]
+
+
+def _k_run(args: dict) -> int:
+    """The codes a K-tile must hold whole: a run of code words where the weight
+    (``w_ptr``) is code words (128 // W_BITS), 1 for any other layout."""
+    weight = args.get("w_ptr")
+    if weight is None or weight.dtype != torch.int32:
+        return 1
+    return CODE_WORD_RUN // args["W_BITS"]
 
 
 def byte_aligned(group_k: int, num_groups: int) -> bool:
@@ -113,11 +120,9 @@ def even_k(args: dict) -> bool:
 
 
 def _interpreted_block_k(args: dict) -> int:
-    """The interpreter's BLOCK_K: its one tile's, or a run of 1-bit code words (128 codes)
-    where that tile's does not hold one."""
-    if args["w_ptr"].dtype != torch.int32:
-        return args["BLOCK_K"]
-    return max(args["BLOCK_K"], CODE_WORD_RUN // args["W_BITS"])
+    """The interpreter's BLOCK_K: its one tile's, or a run of code words where that
+    tile's does not hold one (128 codes at 1 bit; both are powers of two)."""
+    return max(args["BLOCK_K"], _k_run(args))
 
 
 def k_tile_heuristics() -> dict[str, Callable[[dict], object]]:
