@@ -7,9 +7,14 @@ compute, and the freed device memory lets the sequence use fewer ranks. The plan
 which items offload and how much (``WorkItem.offload_ratio``); :class:`ActivationOffload`
 is the mechanism (``torch.autograd.graph.saved_tensors_hooks``).
 
-Copies are exact (same dtype, same values), so results are bitwise identical with and
-without offloading. On a CPU-only machine host and device are the same memory; the copy and
-the byte accounting still happen, which is what the tests check.
+Copies are exact (same dtype, same values) and the tensor that comes back has the layout of
+the one that left: the same sizes and strides (a transposed view stays transposed) and the same
+data-pointer alignment modulo 64 bytes. Backward's kernels then take the same path as without
+offloading: BLAS libraries pick kernels by transposition and alignment, and on some x86 CPUs
+those kernels sum in another order (a contiguous copy of a transposed view made gradients
+differ in the last bit on another machine, though not on ours). So results are bitwise
+identical with and without offloading. On a CPU-only machine host and device are the same
+memory; the copy and the byte accounting still happen, which is what the tests check.
 """
 
 from __future__ import annotations
@@ -21,6 +26,36 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["ActivationOffload", "OffloadStats"]
+
+_ALIGNMENT = 64
+"""Bytes: the widest vector loads (AVX-512) and the CPU allocator's alignment."""
+
+
+def _overlaps(tensor: torch.Tensor) -> bool:
+    """Whether two elements share memory (a broadcast view: some stride 0 over size > 1)."""
+    dims = sorted((s, n) for n, s in zip(tensor.shape, tensor.stride(), strict=True) if n > 1)
+    reach = 1
+    for stride, size in dims:
+        if stride < reach:
+            return True
+        reach = stride * size
+    return False
+
+
+def _empty_like_layout(
+    tensor: torch.Tensor, device: torch.device, misalignment: int, pin: bool = False
+) -> torch.Tensor:
+    """Uninitialized: ``tensor``'s sizes, strides and dtype on ``device``, with its data pointer
+    ``misalignment`` bytes past a multiple of ``_ALIGNMENT``. A view with gaps (a slice of a
+    fused projection) comes back with its gaps: its strides are part of its layout."""
+    itemsize = tensor.element_size()
+    span = 1 + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride(), strict=True))
+    if tensor.numel() == 0:
+        span = 0
+    slack = _ALIGNMENT // itemsize
+    storage = torch.empty(span + slack, dtype=tensor.dtype, device=device, pin_memory=pin)
+    offset = ((misalignment - storage.data_ptr()) % _ALIGNMENT) // itemsize
+    return storage.as_strided(tensor.shape, tensor.stride(), offset)
 
 
 @dataclass
@@ -77,24 +112,25 @@ class ActivationOffload:
                 return tensor
             nbytes = tensor.numel() * tensor.element_size()
             seen += nbytes
-            if ratio > 0.0 and moved + nbytes <= ratio * seen:
+            # Broadcast views stay: a copy with their strides would write one element twice.
+            if ratio > 0.0 and moved + nbytes <= ratio * seen and not _overlaps(tensor):
                 moved += nbytes
                 stats.offloaded_bytes += nbytes
+                misalignment = tensor.data_ptr() % _ALIGNMENT
                 pin = tensor.device.type == "cuda"
-                host = torch.empty(
-                    tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin
-                ).copy_(tensor)
-                return (tensor.device, host)
+                host = _empty_like_layout(tensor, torch.device("cpu"), misalignment, pin)
+                host.copy_(tensor)
+                return (tensor.device, misalignment, host)
             kept += nbytes
             return tensor
 
         def unpack(packed: object) -> torch.Tensor:
             if isinstance(packed, torch.Tensor):
                 return packed
-            device, host = packed  # type: ignore[misc]
+            device, misalignment, host = packed  # type: ignore[misc]
             stats.reloaded_bytes += host.numel() * host.element_size()
             # A fresh buffer even on CPU, as a device copy would be.
-            return host.to(device, copy=True)
+            return _empty_like_layout(host, device, misalignment).copy_(host)
 
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             yield

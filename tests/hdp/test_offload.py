@@ -60,3 +60,52 @@ def test_attention_outside_a_runner_is_dense_causal_and_follows_a_packed_layout(
     second = causal_attention_reference(q[12:], k[12:], v[12:])
     assert (packed[12:] - second).abs().max() <= 1e-12
     assert (packed[12:] - dense[12:]).abs().max() > 1e-3  # the documents really are separate
+
+
+_LAYOUTS: list[tuple[tuple[int, ...], tuple[int, ...], int]] = []
+
+
+class _RecordSavedLayout(torch.autograd.Function):
+    """Saves a transposed view 72 bytes into its storage; records how it left and came back."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        view = x[1:, 2:].t()
+        ctx.save_for_backward(view)
+        _LAYOUTS.append(_layout(view))
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (view,) = ctx.saved_tensors
+        _LAYOUTS.append(_layout(view))
+        return grad * 2
+
+
+def _layout(tensor: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    return tuple(tensor.shape), tuple(tensor.stride()), tensor.data_ptr() % 64
+
+
+def test_reloaded_tensors_keep_strides_and_alignment() -> None:
+    """Kernels choose their path by strides and alignment, so an offloaded tensor must come
+    back as it left: a contiguous or re-aligned copy breaks bitwise equality on some CPUs."""
+    x = torch.randn(9, 7, dtype=torch.float64, requires_grad=True)
+    stats = OffloadStats()
+    _LAYOUTS.clear()
+    with ActivationOffload(stats=stats).offloading(1.0):
+        y = _RecordSavedLayout.apply(x)
+    y.sum().backward()
+    assert stats.offloaded_bytes == 5 * 8 * 8
+    saved, reloaded = _LAYOUTS
+    assert saved == reloaded
+    assert saved[1] == (1, 7) and saved[2] == (x.data_ptr() + 72) % 64 != 0
+
+
+def test_broadcast_views_are_kept_not_copied() -> None:
+    """A copy with a broadcast view's strides would write one element several times."""
+    x = torch.randn(5, 1, dtype=torch.float64, requires_grad=True)
+    stats = OffloadStats()
+    with ActivationOffload(stats=stats).offloading(1.0):
+        y = (x.expand(5, 4) * torch.ones(5, 4, dtype=torch.float64)).sum()
+    y.backward()
+    assert torch.equal(x.grad, torch.full((5, 1), 4.0, dtype=torch.float64))
