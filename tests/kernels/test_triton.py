@@ -556,6 +556,39 @@ def test_triton_a16_swapped_tiles(
     assert ((out.cpu().double() - expected).abs() <= bound).all()
 
 
+@pytest.mark.parametrize(
+    ("w_bits", "layout"),
+    [(3, WeightLayout.BITPLANES), (4, WeightLayout.CODE_WORDS)],
+    ids=["w3-planes", "w4-words"],
+)
+def test_triton_a16_swapped_tiles_across_row_tiles(
+    w_bits: int,
+    layout: WeightLayout,
+    monkeypatch: pytest.MonkeyPatch,
+    fp32_error_bound: Callable,
+) -> None:
+    """The shape class of the swapped tile that failed on an H200 (test_gpu_every_tile:
+    grouped 3-bit planes, M = 300 over two 256-row tiles, 2 K-tiles per group), scaled to
+    the interpreter: M = 19 over two 16-row tiles (the second holds 3 rows), N = 33 over
+    two 32-column tiles, K = 256 in groups of 128, two 64-wide K-tiles each, bf16 x. The
+    swapped test above runs one row tile only; here the transposed store of a second,
+    partial row tile and the group loop's scales cross both tiles."""
+    from bitscale.kernels import triton_a16
+    from bitscale.kernels._triton_common import tile_config
+
+    tile = tile_config((16, 32, 64, 4, 3), swap_ab=True)
+    monkeypatch.setattr(triton_a16._bipolar_a16_kernel, "configs", [tile])
+    generator = torch.Generator().manual_seed(39)
+    x = torch.randn(19, 256, generator=generator).to(torch.bfloat16)
+    w = quantize(torch.randn(33, 256, generator=generator), w_bits, group_size=128)
+    packed = pack_weight(w.to(DEVICE), layout=layout)
+    out = triton_a16.bipolar_linear_a16(x.to(DEVICE), packed, expand_weight=False)
+    w_dequantized = dequantize(w)
+    expected = _oracle_linear(x.float(), w_dequantized, None)
+    bound = fp32_error_bound(x.float(), w_dequantized) + expected.abs() * 2.0**-8
+    assert ((out.cpu().double() - expected).abs() <= bound).all()
+
+
 def test_autotune_tiles_no_taller_than_the_rows() -> None:
     """Every autotuned kernel weighs only tiles up to M's bucket rows, 16 at least."""
     from bitscale.kernels import triton_bitplane, triton_gemm
