@@ -163,10 +163,67 @@ class BipolarTensor:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self, dtype)
 
-    def to(self, device: torch.device | str) -> BipolarTensor:
-        return BipolarTensor(
-            self.codes.to(device), self.scales.to(device), self.bits, self.axis, self.group_size
+    @property
+    def device(self) -> torch.device:
+        """Where the codes and scales are (always the same device)."""
+        return self.codes.device
+
+    # Device moves follow torch.Tensor's: ``self`` when nothing changes, ``non_blocking``
+    # copies from pinned memory. The codes and scales move as they are, without
+    # __post_init__'s checks (a host sync on the codes' maximum): they were checked once.
+    def to(
+        self,
+        device: torch.device | str | int | None = None,
+        *,
+        non_blocking: bool = False,
+        copy: bool = False,
+    ) -> BipolarTensor:
+        """This tensor on ``device`` (None: where it is); ``copy`` forces new storage.
+        Codes stay uint8 and scales float32: ``dequantize(dtype)`` gives floats."""
+        if isinstance(device, torch.dtype):
+            raise ValueError(
+                f"a BipolarTensor keeps uint8 codes and float32 scales and cannot become "
+                f"{device}; use .dequantize({device}) for a float tensor"
+            )
+        device = self.device if device is None else torch.device(device)
+        return self._moved(
+            self.codes.to(device, non_blocking=non_blocking, copy=copy),
+            self.scales.to(device, non_blocking=non_blocking, copy=copy),
         )
+
+    def cuda(
+        self, device: torch.device | str | int | None = None, *, non_blocking: bool = False
+    ) -> BipolarTensor:
+        """On a CUDA device (the current one when ``device`` is None), as Tensor.cuda."""
+        return self._moved(
+            self.codes.cuda(device, non_blocking=non_blocking),
+            self.scales.cuda(device, non_blocking=non_blocking),
+        )
+
+    def cpu(self) -> BipolarTensor:
+        return self._moved(self.codes.cpu(), self.scales.cpu())
+
+    def pin_memory(self) -> BipolarTensor:
+        """Codes and scales in page-locked host memory, for ``.to("cuda", non_blocking=True)``
+        (CPU tensors only, as Tensor.pin_memory)."""
+        return self._moved(self.codes.pin_memory(), self.scales.pin_memory())
+
+    def is_pinned(self) -> bool:
+        return self.codes.is_pinned() and self.scales.is_pinned()
+
+    def _moved(self, codes: torch.Tensor, scales: torch.Tensor) -> BipolarTensor:
+        if codes is self.codes and scales is self.scales:
+            return self
+        moved = object.__new__(BipolarTensor)
+        for name, value in (
+            ("codes", codes),
+            ("scales", scales),
+            ("bits", self.bits),
+            ("axis", self.axis),
+            ("group_size", self.group_size),
+        ):
+            object.__setattr__(moved, name, value)
+        return moved
 
 
 def _grouped(x: torch.Tensor, axis: int, group_size: int | None) -> torch.Tensor:

@@ -212,6 +212,64 @@ def test_bipolar_tensor_validation() -> None:
     assert BipolarTensor(codes, torch.ones(4, 2), 2, -1, 4).axis == 1
 
 
+def _grouped_weight() -> BipolarTensor:
+    generator = torch.Generator().manual_seed(0)
+    return quantize(torch.randn(4, 8, generator=generator), 3, group_size=4)
+
+
+def _same_quantization(moved: BipolarTensor, w: BipolarTensor) -> None:
+    assert (moved.bits, moved.axis, moved.group_size) == (w.bits, w.axis, w.group_size)
+    assert moved.codes.dtype == torch.uint8 and moved.scales.dtype == torch.float32
+
+
+def test_bipolar_tensor_moves_between_devices_like_a_tensor() -> None:
+    """to / cpu as torch.Tensor: itself when nothing changes, new storage with copy=True,
+    codes and scales together; a move to "meta" (no values to check) proves the move
+    skips the constructor's checks, a host sync on the codes."""
+    w = _grouped_weight()
+    assert w.device == torch.device("cpu")
+    assert w.to("cpu") is w and w.to() is w and w.cpu() is w
+    copied = w.to("cpu", copy=True)
+    assert copied.codes.data_ptr() != w.codes.data_ptr()
+    assert torch.equal(copied.codes, w.codes) and torch.equal(copied.scales, w.scales)
+    _same_quantization(copied, w)
+    meta = w.to(torch.device("meta"))
+    assert meta.device.type == "meta" and meta.scales.device.type == "meta"
+    assert meta.shape == w.shape
+    _same_quantization(meta, w)
+    with pytest.raises(ValueError, match=r"dequantize\(torch.bfloat16\)"):
+        w.to(torch.bfloat16)
+
+
+def test_bipolar_tensor_cuda_and_pin_memory_follow_the_tensor_methods(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """cuda() passes its device and non_blocking to Tensor.cuda for codes and scales, and
+    pin_memory() pins both (both stubbed here: this machine may have no CUDA device)."""
+    calls = []
+
+    def fake_cuda(tensor, device=None, non_blocking=False):
+        calls.append((tensor.dtype, device, non_blocking))
+        return tensor.to("meta")
+
+    def fake_pin_memory(tensor):
+        calls.append((tensor.dtype, "pinned"))
+        return tensor.clone()
+
+    w = _grouped_weight()
+    monkeypatch.setattr(torch.Tensor, "cuda", fake_cuda)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin_memory)
+    moved = w.cuda(1, non_blocking=True)
+    assert moved.device.type == "meta" and moved.scales.device.type == "meta"
+    _same_quantization(moved, w)
+    assert calls == [(torch.uint8, 1, True), (torch.float32, 1, True)]
+    calls.clear()
+    pinned = w.pin_memory()
+    assert calls == [(torch.uint8, "pinned"), (torch.float32, "pinned")]
+    assert torch.equal(pinned.codes, w.codes) and pinned is not w
+    assert not w.is_pinned()
+
+
 def _relative_mse(x: torch.Tensor, bits: int, method: str, group_size: int | None = None) -> float:
     q = quantize(x, bits, method=method, group_size=group_size)
     return float((dequantize(q) - x).square().sum() / x.square().sum())
