@@ -47,6 +47,7 @@ __all__ = [
     "bipolar_linear",
     "bipolar_mm_int",
     "check_linear_inputs",
+    "check_same_device",
     "kernel_status",
     "linear_packed",
     "resolve_backend",
@@ -197,9 +198,13 @@ def check_linear_inputs(
 ) -> None:
     """The input checks of a linear with an [out_features, in_features] weight, shared
     by every backend."""
-    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES:
-        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-        raise TypeError(f"x must be a float32, bfloat16 or float16 tensor, got {got}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a float32, bfloat16 or float16 tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(
+            f"x must be a float32, bfloat16 or float16 tensor, got {x.dtype}; "
+            "convert it with x.to(torch.bfloat16) (or float16 / float32)"
+        )
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(
             f"K mismatch: x has shape {tuple(x.shape)} but the weight has K={in_features} "
@@ -210,6 +215,21 @@ def check_linear_inputs(
     ):
         got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
         raise ValueError(f"bias must have shape ({out_features},), got {got}")
+
+
+def check_same_device(
+    x: torch.Tensor, weight_device: torch.device, bias: torch.Tensor | None
+) -> None:
+    """x, the weight and the bias on one device, or a ValueError naming both and the fix."""
+    others = [("the weight", weight_device)]
+    if bias is not None:
+        others.append(("the bias", bias.device))
+    for name, device in others:
+        if device != x.device:
+            raise ValueError(
+                f"x is on {x.device} but {name} on {device}; move them to one device "
+                f"(x.to({str(device)!r}), or the layer / weight / bias .to({str(x.device)!r}))"
+            )
 
 
 def _triton_linear(
@@ -315,8 +335,7 @@ def linear_packed(
     check_activation_bits(a_bits)
     activation_method = parse_method(activation_method)
     check_linear_inputs(x, weight.in_features, weight.out_features, bias)
-    if x.device != weight.data.device:
-        raise ValueError(f"x is on {x.device} but the weight on {weight.data.device}")
+    check_same_device(x, weight.data.device, bias)
     chosen = resolve_backend(backend, x.device)
     if chosen is Backend.TRITON_BITPLANE:
         raise ValueError(
@@ -386,6 +405,9 @@ def bipolar_linear(
 
     ``a_bits=16`` keeps activations float (weight-only); ``a_bits`` in 1..8
     quantizes them per token (per K-group if ``w`` is grouped) on the fly.
+
+    ``x`` may have any strides (its rows are copied to a contiguous [M, K] only when
+    they are not already); ``x``, ``w`` and ``bias`` must share a device.
     """
     check_activation_bits(a_bits)
     activation_method = parse_method(activation_method)
@@ -397,10 +419,9 @@ def bipolar_linear(
             f"{tuple(w.shape)} with axis={w.axis}"
         )
     check_linear_inputs(x, w.shape[1], w.shape[0], bias)
+    check_same_device(x, w.codes.device, bias)
     chosen = resolve_backend(backend, x.device)
     if chosen is Backend.REFERENCE:
-        if x.device != w.codes.device:
-            raise ValueError(f"x is on {x.device} but w on {w.codes.device}")
         return bipolar_linear_reference(
             x, w, a_bits=a_bits, activation_method=activation_method, bias=bias
         )

@@ -372,9 +372,20 @@ def bipolar_linear_a16(
     x's dtype before the matmul; None expands from ``triton_expand.EXPAND_MIN_M`` rows on.
     """
     if x.dim() != 2 or not x.is_contiguous():
-        raise ValueError(f"x must be a contiguous 2-d [M, K] tensor, got {tuple(x.shape)}")
+        raise ValueError(
+            f"x must be a contiguous 2-d [M, K] tensor, got shape {tuple(x.shape)} with "
+            f"strides {x.stride()}; call x.reshape(-1, K).contiguous() first"
+        )
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    devices = (x.device, weight.data.device, weight.scales.device)
+    if bias is not None:
+        devices += (bias.device,)
+    if len(set(devices)) != 1:
+        raise ValueError(
+            f"x, the weight's data and scales (and bias) must share a device, got "
+            f"{', '.join(map(str, devices))}; move them with .to(x.device)"
+        )
     m, k = x.shape
     n = weight.out_features
     if k != weight.in_features:

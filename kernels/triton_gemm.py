@@ -257,9 +257,13 @@ def bipolar_gemm(
         dtype = out_dtype or torch.float32
     if bias is not None:
         _require(bias, "bias", bias.dtype, (n,))
-    devices = {t.device for t in (x_centred, w_packed, x_scales, w_scales, bias) if t is not None}
+    inputs = (x_centred, x_rowsums, w_packed, w_rowsums, x_scales, w_scales, bias)
+    devices = {t.device for t in inputs if t is not None}
     if len(devices) != 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError(
+            f"all inputs must be on one device, got {sorted(map(str, devices))}; move them "
+            "with .to(x_centred.device)"
+        )
     if accumulate_int64 is None:
         accumulate_int64 = group_k << (a_bits + w_bits - 2) >= _INT32_LIMIT
     # |4 S @ T^T + 2 rowsum(S) + 2 rowsum(T) + G| < G * 2^(a + w + 1): int32 holds the

@@ -98,8 +98,14 @@ def test_linear_validation() -> None:
     w = quantize(torch.randn(6, 16), 2)
     with pytest.raises(ValueError, match="K mismatch"):
         bipolar_linear(torch.randn(4, 15), w)
-    with pytest.raises(TypeError, match="x must be a float32, bfloat16 or float16"):
+    with pytest.raises(ValueError, match=r"float16 tensor, got torch\.int32; convert it"):
         bipolar_linear(x.to(torch.int32), w)
+    with pytest.raises(
+        ValueError, match=r"float32, bfloat16 or float16 tensor, got torch\.float64"
+    ):
+        bipolar_linear(x.double(), w)
+    with pytest.raises(TypeError, match="x must be a float32, bfloat16 or float16"):
+        bipolar_linear(x.tolist(), w)
     with pytest.raises(ValueError, match=r"bias must have shape \(6,\)"):
         bipolar_linear(x, w, bias=torch.zeros(5))
     with pytest.raises(TypeError, match="w must be a BipolarTensor"):
@@ -110,6 +116,36 @@ def test_linear_validation() -> None:
         bipolar_linear(x, w, a_bits=12)
     with pytest.raises(ValueError, match="method must be one of"):
         bipolar_linear(x, w, a_bits=4, activation_method="minmax")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_linear_inputs_on_another_device_than_the_weight(backend: str) -> None:
+    """x, the weight and the bias on different devices: a ValueError naming both devices
+    and the fix, before any packing or kernel ("meta" tensors stand in for a second
+    device; TRITON_INTERPRET lets the triton backend run on CPU tensors)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    x = torch.randn(4, 16)
+    w = quantize(torch.randn(6, 16), 2)
+    with pytest.raises(ValueError, match=r"x is on cpu but the weight on meta; move them"):
+        bipolar_linear(x, w.to("meta"), backend=backend)
+    with pytest.raises(ValueError, match=r"x is on cpu but the bias on meta"):
+        bipolar_linear(x, w, bias=torch.zeros(6, device="meta"), backend=backend)
+    packed = pack_weight(w)
+    with pytest.raises(ValueError, match=r"x is on meta but the weight on cpu"):
+        linear_packed(x.to("meta"), packed, backend="reference")
+    with pytest.raises(ValueError, match=r"x is on cpu but the bias on meta"):
+        linear_packed(x, packed, bias=torch.zeros(6, device="meta"), backend=backend)
+
+
+def test_linear_takes_non_contiguous_x() -> None:
+    """The public linear's contract: any strides (rows made contiguous when they are not);
+    the same values as a contiguous x."""
+    x = torch.randn(16, 8).t()  # [8, 16], strides (1, 8)
+    w = quantize(torch.randn(6, 16), 3)
+    assert not x.is_contiguous()
+    expected = bipolar_linear(x.contiguous(), w, backend="reference")
+    assert torch.equal(bipolar_linear(x, w, backend="reference"), expected)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -193,7 +193,7 @@ def test_quantize_model_validation() -> None:
 def test_eval_forward_validates_inputs_on_every_backend(backend: str) -> None:
     layer = BipolarLinear(16, 8, w_bits=3, backend=backend).eval()
     with torch.no_grad():
-        with pytest.raises(TypeError, match="x must be a float32, bfloat16 or float16"):
+        with pytest.raises(ValueError, match="x must be a float32, bfloat16 or float16"):
             layer(torch.ones(2, 16, dtype=torch.int64))
         with pytest.raises(ValueError, match="K mismatch"):
             layer(torch.randn(2, 15))

@@ -8,6 +8,7 @@ which compile the kernels on a CUDA device.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable
 
@@ -774,6 +775,37 @@ def test_launcher_validation() -> None:
         )
     with pytest.raises(ValueError, match="unit stride"):
         quantize_activations(torch.randn(64, 4).t(), a_bits=4, group_k=64)
+    with pytest.raises(
+        ValueError, match=r"all inputs must be on one device, got \['cpu', 'meta'\]"
+    ):
+        bipolar_gemm(*args[:3], args[3].to("meta"), a_bits=4, w_bits=4, k=64, group_k=64)
+
+
+def test_a16_launcher_validation() -> None:
+    """The weight-only launcher names the bad input and the fix: strides, dtype, devices."""
+    from bitscale.kernels.triton_a16 import bipolar_linear_a16
+
+    x = torch.randn(4, 64)
+    packed = pack_weight(quantize(torch.randn(8, 64), 4))
+    with pytest.raises(ValueError, match=r"strides \(1, 4\); call x.reshape\(-1, K\)"):
+        bipolar_linear_a16(torch.randn(64, 4).t(), packed)
+    with pytest.raises(ValueError, match=r"float32, bfloat16 or float16, got torch\.float64"):
+        bipolar_linear_a16(x.double(), packed)
+    with pytest.raises(ValueError, match="must share a device, got cpu, meta, meta"):
+        meta = {"data": packed.data.to("meta"), "scales": packed.scales.to("meta")}
+        bipolar_linear_a16(x, dataclasses.replace(packed, **meta))
+    with pytest.raises(ValueError, match="must share a device, got cpu, cpu, cpu, meta"):
+        bipolar_linear_a16(x, packed, bias=torch.zeros(8, device="meta"))
+
+
+@pytest.mark.parametrize("a_bits", [16, 4])
+def test_triton_linear_takes_non_contiguous_x(a_bits: int) -> None:
+    """bipolar_linear's contract: x of any strides gives what its contiguous copy gives."""
+    generator = torch.Generator().manual_seed(a_bits)
+    x = torch.randn(40, 5, generator=generator).t()  # [5, 40], strides (1, 5)
+    w = quantize(torch.randn(19, 40, generator=generator), 3)
+    expected = bipolar_linear(x.contiguous(), w, a_bits=a_bits, backend="triton")
+    assert torch.equal(bipolar_linear(x, w, a_bits=a_bits, backend="triton"), expected)
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
