@@ -52,7 +52,8 @@ stamp "gpu tests exit code $tests_status (124: cut by the time box)"
 # issue's W4/W2/W1 goals are set (8192 x 28672 had not run by 2026-11-27: the time box cut
 # it), the expansion crossover (in-loop swapped tiles against expansion, up to M = 4096),
 # W{4,8}A8, weight-only at M = 256 and 4096, the bit-plane comparison, W{4,8}A8 at
-# 8192 x 28672. Case ids start with M: "[1-" is M = 1.
+# 8192 x 28672, and last the eager host overhead (one case, seconds). Case ids start
+# with M: "[1-" is M = 1.
 chunks=(
     "weight_only and ([1- or [16-)"
     "expanded_weight"
@@ -60,6 +61,7 @@ chunks=(
     "weight_only and ([256- or [4096-)"
     "bitplane"
     "int8_activation and N8192"
+    "eager_overhead"
 )
 deadline=$((SECONDS + bench_seconds))
 for chunk in "${chunks[@]}"; do
