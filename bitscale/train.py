@@ -855,37 +855,101 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="start this many local processes through torch's elastic launcher "
         "(leave out under torchrun)",
     )
-    parser.add_argument("--model", default=d.model, help="preset: tiny, small or medium")
-    parser.add_argument("--steps", type=int, default=d.steps, help="optimizer steps to reach")
-    parser.add_argument("--docs-per-step", type=int, default=d.docs_per_step)
-    parser.add_argument("--max-len", type=int, default=d.max_len, help="longest sequence (tokens)")
+    parser.add_argument(
+        "--model",
+        default=d.model,
+        help="model preset: tiny, small or medium (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=d.steps,
+        help="optimizer steps to reach; a resumed run counts from step 0 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--docs-per-step",
+        type=int,
+        default=d.docs_per_step,
+        help="documents in one global batch (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-len",
+        type=int,
+        default=d.max_len,
+        help="longest sequence in tokens (default: %(default)s)",
+    )
     parser.add_argument(
         "--capacity",
         type=int,
         default=None,
         help="token slots per rank per micro-batch (default: max-len / min(nproc, 2))",
     )
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=d.lr,
+        help="AdamW learning rate after the warm-up (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=d.warmup_steps,
+        help="learning-rate warm-up steps (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=d.weight_decay,
+        help="AdamW weight decay (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=d.seed, help="random seed (default: %(default)s)"
+    )
     parser.add_argument(
         "--data",
         default=None,
         help="folder of text files, or a file with one document length per line "
         "(default: the Python standard library's .py files)",
     )
-    parser.add_argument("--schedule", choices=[s.value for s in Schedule], default=d.schedule.value)
     parser.add_argument(
-        "--precision", choices=[p.value for p in Precision], default=d.precision.value
+        "--schedule",
+        choices=[s.value for s in Schedule],
+        default=d.schedule.value,
+        help="hdp plans each step with HDP, static with the DP x CP mesh, both runs one after "
+        "the other from the same initial weights (default: %(default)s)",
     )
     parser.add_argument(
-        "--quant", default=None, help="bipolar-INT QAT of the block projections, e.g. w4a8 or w2"
+        "--precision",
+        choices=[p.value for p in Precision],
+        default=d.precision.value,
+        help="parameter and compute dtype (default: %(default)s)",
     )
-    parser.add_argument("--quant-scope", choices=["mlp", "attn", "all"], default=d.quant_scope)
-    parser.add_argument("--ckpt-dir", default=None, help="take lazy checkpoints into this folder")
-    parser.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
-    parser.add_argument("--keep", type=int, default=d.keep, help="committed checkpoints kept")
+    parser.add_argument(
+        "--quant",
+        default=None,
+        help="bipolar-INT QAT of the block projections, e.g. w4a8 or w2 (default: float)",
+    )
+    parser.add_argument(
+        "--quant-scope",
+        choices=["mlp", "attn", "all"],
+        default=d.quant_scope,
+        help="which projections --quant swaps (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--ckpt-dir",
+        default=None,
+        help="take lazy checkpoints into this folder; with --schedule both, one subfolder per "
+        "schedule (default: no checkpoints)",
+    )
+    parser.add_argument(
+        "--ckpt-every",
+        type=int,
+        default=d.ckpt_every,
+        help="steps between checkpoints (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--keep", type=int, default=d.keep, help="committed checkpoints kept (default: %(default)s)"
+    )
     parser.add_argument(
         "--resume", action="store_true", help="continue from the newest committed checkpoint"
     )
