@@ -1089,7 +1089,15 @@ def write_report(repo: Path) -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench_command", metavar="{run,report,goals}", required=True)
-    run = sub.add_parser("run", help="run the benchmarks and append to bench/results/")
+    run = sub.add_parser(
+        "run",
+        help="run the benchmarks and append to bench/results/",
+        description="Run pytest-benchmark over bench/ and append the run to\n"
+        "bench/results/<device>-<date>.json, also when some benchmarks fail.",
+        epilog="examples:\n  bitscale bench run --quick\n  bitscale bench run --only kernels"
+        " --repeat 3\n  bitscale bench run --quick -- -k lazy",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument(
         "--quick",
         action="store_true",
@@ -1100,23 +1108,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         choices=[s.value for s in Subsystem],
         default=[],
-        help="run only this subsystem's benchmarks (repeatable)",
+        help="run only this subsystem's benchmarks (repeatable; default: all)",
     )
     run.add_argument(
         "--repeat",
         type=int,
         default=1,
-        help="run the suite this many times; the report takes medians over runs",
+        help="run the suite this many times; the report takes medians over runs "
+        "(default: %(default)s)",
     )
     run.add_argument(
         "pytest_args",
         nargs=argparse.REMAINDER,
         help="after `--`: extra pytest arguments, e.g. -- -k lazy",
     )
-    sub.add_parser("report", help="render bench/results/*.json into bench/RESULTS.md and plots")
+    sub.add_parser(
+        "report",
+        help="render bench/results/*.json into bench/RESULTS.md and plots",
+        description="Render every bench/results/*.json into bench/RESULTS.md and "
+        "bench/results/plots/*.png. docs/benchmarks.md explains how to read it.",
+    )
     sub.add_parser(
         "goals",
         help="print the kernel goals against bench/results/*.json (RESULTS.md's first table)",
+        description="Print the kernel goals table: each goal, the GPU case it covers, its "
+        "CUDA-graph ratio against bf16 and whether it is met.",
     )
 
 

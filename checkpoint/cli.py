@@ -45,40 +45,101 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     commands = parser.add_subparsers(dest="ckpt_command", metavar="ACTION", required=True)
 
-    ls = commands.add_parser("ls", help="committed steps of ROOT, newest last")
+    ls = commands.add_parser(
+        "ls",
+        help="committed steps of ROOT, newest last",
+        description="List the committed steps of ROOT (newest last, LATEST marked) and any "
+        "leftovers of interrupted saves.",
+        epilog="example:\n  bitscale ckpt ls runs/demo/ckpt/hdp",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ls.add_argument("root", type=Path)
 
-    inspect = commands.add_parser("inspect", help="one step's manifest: entries, tensors, files")
+    inspect = commands.add_parser(
+        "inspect",
+        help="one step's manifest: entries, tensors, files",
+        description="Print one step's manifest: who wrote it, its entries, files and tensors.",
+        epilog="example:\n  bitscale ckpt inspect runs/demo/ckpt/hdp --step 20 --tensors",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     inspect.add_argument("root", type=Path)
     inspect.add_argument("--step", type=int, help="default: the newest committed step")
     inspect.add_argument("--tensors", action="store_true", help="list every tensor")
 
-    verify = commands.add_parser("verify", help="check sizes (and hashes) of a step's files")
+    verify = commands.add_parser(
+        "verify",
+        help="check sizes (and hashes) of a step's files",
+        description="Check a step's data files against its manifest; exit status 1 if "
+        "any is missing, has the wrong size or (with --mode hash) was altered.",
+        epilog="example:\n  bitscale ckpt verify runs/demo/ckpt/hdp --mode size",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     verify.add_argument("root", type=Path)
     verify.add_argument("--step", type=int, help="default: the newest committed step")
-    verify.add_argument("--mode", choices=["size", "hash"], default="hash")
+    verify.add_argument(
+        "--mode",
+        choices=["size", "hash"],
+        default="hash",
+        help="size: file sizes only; hash: also SHA-256 of every byte (default: %(default)s)",
+    )
 
-    export_hf = commands.add_parser("export-hf", help="model weights to a Hugging Face folder")
+    export_hf = commands.add_parser(
+        "export-hf",
+        help="model weights to a Hugging Face folder",
+        description="Write one module entry's weights as Hugging Face safetensors shards "
+        "plus model.safetensors.index.json, streaming one tensor at a time.",
+        epilog="example:\n  bitscale ckpt export-hf runs/demo/ckpt/hdp hf-model --dtype bf16",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     export_hf.add_argument("root", type=Path)
     export_hf.add_argument("out", type=Path, help="new or empty folder")
-    export_hf.add_argument("--step", type=int)
-    export_hf.add_argument("--entry", default="model", help="module entry to export")
-    export_hf.add_argument("--dtype", choices=sorted(_DTYPES), help="cast floating tensors")
-    export_hf.add_argument("--max-shard-size", type=_size_bytes, default=5 * 10**9)
+    export_hf.add_argument("--step", type=int, help="default: the newest committed step")
+    export_hf.add_argument(
+        "--entry", default="model", help="module entry to export (default: %(default)s)"
+    )
+    export_hf.add_argument(
+        "--dtype", choices=sorted(_DTYPES), help="cast floating tensors (default: keep them)"
+    )
+    export_hf.add_argument(
+        "--max-shard-size",
+        type=_size_bytes,
+        default=5 * 10**9,
+        help="largest shard file, e.g. 500MiB (default: 5GB)",
+    )
 
-    from_ds = commands.add_parser("from-deepspeed", help="import a DeepSpeed ZeRO/universal folder")
+    from_ds = commands.add_parser(
+        "from-deepspeed",
+        help="import a DeepSpeed ZeRO/universal folder",
+        description="Import a DeepSpeed ZeRO-1/2/3 or universal checkpoint as one committed "
+        "step of ROOT (ZeRO folders go through DeepSpeed's own ds_to_universal).",
+        epilog="example:\n  bitscale ckpt from-deepspeed imported ds-checkpoints --tag global_step100",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     from_ds.add_argument("root", type=Path, help="bitscale root to write the step into")
     from_ds.add_argument("ds_dir", type=Path)
     from_ds.add_argument("--tag", help="checkpoint tag (default: from latest/latest_universal)")
     from_ds.add_argument("--step", type=int, help="default: DeepSpeed's global_steps")
 
-    to_ds = commands.add_parser("to-deepspeed", help="export to a DeepSpeed universal folder")
+    to_ds = commands.add_parser(
+        "to-deepspeed",
+        help="export to a DeepSpeed universal folder",
+        description="Export a step as a DeepSpeed universal checkpoint, which "
+        "engine.load_checkpoint reads with checkpoint.load_universal=true.",
+        epilog="example:\n  bitscale ckpt to-deepspeed runs/demo/ckpt/hdp ds-out",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     to_ds.add_argument("root", type=Path)
-    to_ds.add_argument("out", type=Path)
-    to_ds.add_argument("--step", type=int)
-    to_ds.add_argument("--tag")
+    to_ds.add_argument("out", type=Path, help="folder to write the tag folder into")
+    to_ds.add_argument("--step", type=int, help="default: the newest committed step")
+    to_ds.add_argument("--tag", help="tag folder name (default: global_step<STEP>_universal)")
 
-    from_dcp = commands.add_parser("from-dcp", help="import a torch.distributed.checkpoint folder")
+    from_dcp = commands.add_parser(
+        "from-dcp",
+        help="import a torch.distributed.checkpoint folder",
+        description="Import a torch.distributed.checkpoint (DCP) folder as step --step of ROOT.",
+        epilog="example:\n  bitscale ckpt from-dcp imported dcp-folder --step 100",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     from_dcp.add_argument("root", type=Path, help="bitscale root to write the step into")
     from_dcp.add_argument("dcp_dir", type=Path)
     from_dcp.add_argument("--step", type=int, required=True)
