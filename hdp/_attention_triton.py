@@ -378,27 +378,36 @@ def _interpreted() -> bool:
 
 
 def _tiles(block_d: int, dtype: torch.dtype) -> _Tiles:
-    """Tiles for H100/H200 (sm_90: 227 KiB shared memory per block, 64K 32-bit registers per
-    SM, at most 255 per thread), or 16 x 16 under the interpreter (tl.dot's smallest tile, so
-    the tests' few dozen tokens cross several tiles and documents cross tile borders)."""
+    """Tiles for H100/H200, or 16 x 16 under the interpreter (tl.dot's smallest tile, so the
+    tests' few dozen tokens cross several tiles and documents cross tile borders).
+
+    sm_90 gives a block at most 227 KiB of shared memory and a thread at most 255 registers
+    (64K per SM). Each choice below was compiled for sm_90 with Triton 3.9 and read back
+    with cuobjdump (registers, spill stack) and the metadata (shared memory); the
+    compile test in tests/hdp/test_attention_triton.py prints the table. None of them has
+    been timed on a GPU.
+    """
     if _interpreted():
         return _Tiles((16, 16, 1, 1), (16, 16, 1, 1), (16, 16, 1, 1))
     if dtype == torch.float32:
-        # float32 runs "ieee" dots on the FMA units (a correctness path, not a fast one):
-        # half the 16-bit tiles keep the doubled operand bytes in the same shared memory.
-        return _Tiles((64, 32, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2))
+        # Exact float32 ("ieee") dots run on the FMA units with both operands in registers:
+        # a correctness path, not a fast one. Larger tiles spill (64 x 32 x 128 forward:
+        # 704 B of stack, dK/dV at 32 x 64: 14 KB); with 8 warps these use 84 / 112 / 87
+        # registers and none spills.
+        return _Tiles((32, 16, 8, 1), (32, 32, 8, 1), (32, 32, 8, 1))
     if block_d <= 64:
-        # Forward: a 128 x 64 float32 accumulator and score tile are 64 + 64 registers per
-        # thread on 4 warps; 3 stages of 64-key K and V tiles are 48 KiB with a 16 KiB Q.
-        # Backward: 64-key dK and dV (2 x 32 registers per thread on 4 warps) stay on chip
-        # while 64-query Q/dO tiles stream through 3 stages (48 KiB).
-        return _Tiles((128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 3))
-    # D = 128: 8 warps (two warpgroups) halve the per-thread share of the 128 x 128 output
-    # accumulator (64 registers) next to the 128 x 64 scores (32); Q (32 KiB) plus 3 stages
-    # of K and V (3 x 32 KiB) are 128 KiB. Backward: the dK/dV pair of 64 keys is 64
-    # registers per thread on 8 warps; 2 stages of Q and dO (2 x 32 KiB) and the resident
-    # K/V (32 KiB) are 96 KiB.
-    return _Tiles((128, 64, 8, 3), (64, 64, 8, 2), (64, 64, 8, 2))
+        # Forward: 128 x 64 scores and a 128 x 64 accumulator on one warpgroup (254
+        # registers at D = 64, no spill) leave room for two blocks per SM, one's softmax
+        # overlapping the other's wgmmas; 3 stages of K/V are 48 KiB next to a 16 KiB Q.
+        # dK/dV: 128 keys per program halve the Q/dO reloads of 64; 32-query steps keep
+        # the transposed scores small (180 registers on 8 warps; 64 x 64 tiles on 4
+        # warps spill). dQ: 128 x 32 on 4 warps, 168 registers, two blocks per SM.
+        return _Tiles((128, 64, 4, 3), (32, 128, 8, 2), (128, 32, 4, 3))
+    # D = 128: the 128 x 128 float32 accumulator needs two warpgroups (8 warps: 208
+    # registers; 4 warps spill 384 B); Q (32 KiB) and 3 stages of K and V (96 KiB) are 129
+    # KiB. dK/dV (32 x 128, as for D = 64): 240 registers, no spill (64 x 64 on 8 warps
+    # spills 24 B). dQ: 128 x 32 on 8 warps, 128 registers and 96 KiB, two blocks per SM.
+    return _Tiles((128, 64, 8, 3), (32, 128, 8, 2), (128, 32, 8, 2))
 
 
 def _check_mask(name: str, tensor: torch.Tensor, tokens: int, device: torch.device) -> None:
