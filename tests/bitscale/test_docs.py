@@ -123,13 +123,32 @@ def command_problem(command: str) -> str | None:
     return None
 
 
-def help_examples(name: str) -> list[str]:
-    """The ``bitscale ...`` example lines of a subcommand's ``--help`` epilog."""
-    parser = build_parser(only=name)
-    status, output = _exit_status(parser, [name, "--help"])
+def help_examples(path: list[str]) -> list[str]:
+    """The ``bitscale ...`` example lines of a (nested) subcommand's ``--help`` epilog."""
+    parser = build_parser(only=path[0])
+    status, output = _exit_status(parser, [*path, "--help"])
     assert status == 0, output
-    examples = output.partition("\nexamples:\n")[2].replace("\\\n", " ")
-    return [" ".join(line.split()) for line in examples.splitlines() if line.strip()]
+    examples = re.split(r"\nexamples?:\n", output, maxsplit=1)[-1] if "xample" in output else ""
+    lines = examples.replace("\\\n", " ").splitlines()
+    return [" ".join(line.split()) for line in lines if line.strip()]
+
+
+def _help_paths() -> list[list[str]]:
+    """Every subcommand and nested action of ``bitscale``."""
+    paths = []
+    for name in _subcommand_names(build_parser()):
+        paths.append([name])
+        paths += [[name, action] for action in _subcommand_names(build_parser(only=name), name)]
+    return paths
+
+
+def _subcommand_names(parser: argparse.ArgumentParser, *path: str) -> list[str]:
+    for word in path:
+        parser = next(
+            a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+        ).choices[word]
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return list(actions[0].choices) if actions else []
 
 
 def test_the_docs_exist_and_the_readme_keeps_its_two_commands() -> None:
@@ -160,12 +179,17 @@ def test_bitscale_commands_parse(path: Path) -> None:
     assert problems == {}
 
 
-@pytest.mark.parametrize("name", ["train", "simulate", "ckpt", "bench", "env"])
-def test_each_subcommand_help_has_examples_that_parse(name: str) -> None:
-    examples = help_examples(name)
-    assert examples, f"`bitscale {name} --help` shows no example"
-    assert all(e.startswith(f"bitscale {name}") for e in examples), examples
-    assert {e: p for e in examples if (p := command_problem(e))} == {}
+def test_help_examples_parse() -> None:
+    """Every example in a ``--help`` parses; each top-level subcommand and each ckpt action
+    shows at least one."""
+    paths = _help_paths()
+    assert ["ckpt", "export-hf"] in paths and ["bench", "run"] in paths
+    for path in paths:
+        examples = help_examples(path)
+        if len(path) == 1 or path[0] == "ckpt":
+            assert examples, f"`bitscale {' '.join(path)} --help` shows no example"
+        assert all(e.startswith(f"bitscale {' '.join(path)}") for e in examples), examples
+        assert {e: p for e in examples if (p := command_problem(e))} == {}
 
 
 def test_the_readme_and_docs_show_bitscale_commands() -> None:
