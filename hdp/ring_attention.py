@@ -35,6 +35,13 @@ from itertools import pairwise
 import torch
 import torch.nn.functional as F
 
+from .attention_block import (
+    TokenDocs,
+    block_backward,
+    block_forward,
+    compute_dtype,
+    merge_partial,
+)
 from .comm import (
     CommCategory,
     CommCounter,
@@ -73,10 +80,6 @@ def _scale(head_dim: int, scale: float | None) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else scale
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def causal_attention_reference(
     q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:
@@ -96,15 +99,44 @@ def causal_attention_reference(
 def _sdpa_causal(
     q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    group = q_THD.shape[1] // k_TGD.shape[1]
-    out_HTD = F.scaled_dot_product_attention(
-        q_THD.transpose(0, 1),
-        k_TGD.repeat_interleave(group, dim=1).transpose(0, 1),
-        v_TGD.repeat_interleave(group, dim=1).transpose(0, 1),
+    # A batch dimension of 1: with 3-D inputs the CPU dispatcher takes the math path, which
+    # materializes the [H, T, T] scores (8 GiB at 16K tokens and 8 heads); 4-D takes flash.
+    out_1HTD = F.scaled_dot_product_attention(
+        q_THD.transpose(0, 1).unsqueeze(0),
+        k_TGD.transpose(0, 1).unsqueeze(0),
+        v_TGD.transpose(0, 1).unsqueeze(0),
         is_causal=True,
         scale=scale,
+        enable_gqa=True,
     )
-    return out_HTD.transpose(0, 1)
+    return out_1HTD.squeeze(0).transpose(0, 1)
+
+
+class _PackedAttention(torch.autograd.Function):
+    """All documents of a packed chunk as one attention block (one launch on CUDA)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        q_THD: torch.Tensor,
+        k_TGD: torch.Tensor,
+        v_TGD: torch.Tensor,
+        docs: TokenDocs,
+        scale: float,
+    ) -> torch.Tensor:
+        out_THD, lse_HT = block_forward(q_THD, k_TGD, v_TGD, docs, docs, scale=scale)
+        ctx.save_for_backward(q_THD, k_TGD, v_TGD, out_THD, lse_HT)
+        ctx.docs, ctx.scale = docs, scale
+        return out_THD.to(q_THD.dtype)
+
+    @staticmethod
+    def backward(ctx, dout_THD: torch.Tensor):  # type: ignore[override]
+        q_THD, k_TGD, v_TGD, out_THD, lse_HT = ctx.saved_tensors
+        delta_HT = (dout_THD.to(out_THD.dtype) * out_THD).sum(dim=-1).transpose(0, 1)
+        dq, dk, dv = block_backward(
+            q_THD, k_TGD, v_TGD, dout_THD, lse_HT, delta_HT, ctx.docs, ctx.docs, scale=ctx.scale
+        )
+        return dq.to(q_THD.dtype), dk.to(k_TGD.dtype), dv.to(v_TGD.dtype), None, None
 
 
 def packed_causal_attention(
@@ -115,10 +147,10 @@ def packed_causal_attention(
     scale: float | None = None,
 ) -> torch.Tensor:
     """Block-diagonal causal attention over documents packed along T: document i holds
-    tokens ``cu_seqlens[i]:cu_seqlens[i+1]`` and attends only to itself. No communication.
-    Differentiable by autograd."""
+    tokens ``cu_seqlens[i]:cu_seqlens[i+1]`` and attends only to itself. No communication;
+    all documents in one attention block. Differentiable by autograd."""
     _check_shapes(q_THD, k_TGD, v_TGD)
-    bounds = [int(b) for b in cu_seqlens]
+    bounds = tuple(int(b) for b in cu_seqlens)
     if (
         len(bounds) < 2
         or bounds[0] != 0
@@ -127,98 +159,10 @@ def packed_causal_attention(
     ):
         raise ValueError(
             "cu_seqlens must start at 0, increase strictly and end at the token count "
-            f"{q_THD.shape[0]}; got {bounds}"
+            f"{q_THD.shape[0]}; got {list(bounds)}"
         )
-    scale = _scale(q_THD.shape[2], scale)
-    outs = [_sdpa_causal(q_THD[b:e], k_TGD[b:e], v_TGD[b:e], scale) for b, e in pairwise(bounds)]
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-
-def _block_scores(
-    q_THD: torch.Tensor, k_TGD: torch.Tensor, scale: float, causal: bool
-) -> torch.Tensor:
-    group = q_THD.shape[1] // k_TGD.shape[1]
-    scores_HQK = torch.einsum("qhd,khd->hqk", q_THD, k_TGD.repeat_interleave(group, dim=1))
-    scores_HQK = scores_HQK * scale
-    if causal:
-        future = torch.ones(
-            q_THD.shape[0], k_TGD.shape[0], dtype=torch.bool, device=q_THD.device
-        ).triu(1)
-        scores_HQK = scores_HQK.masked_fill(future, float("-inf"))
-    return scores_HQK
-
-
-def _block_forward(
-    q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor, scale: float, causal: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q to one K/V block: (normalized out_THD, lse_HT), in the compute dtype."""
-    scores_HQK = _block_scores(q_THD, k_TGD, scale, causal)
-    lse_HT = torch.logsumexp(scores_HQK, dim=-1)
-    probs_HQK = torch.exp(scores_HQK - lse_HT.unsqueeze(-1))
-    group = q_THD.shape[1] // k_TGD.shape[1]
-    out_THD = torch.einsum("hqk,khd->qhd", probs_HQK, v_TGD.repeat_interleave(group, dim=1))
-    return out_THD, lse_HT
-
-
-def _block_backward(
-    q_THD: torch.Tensor,
-    k_TGD: torch.Tensor,
-    v_TGD: torch.Tensor,
-    dout_THD: torch.Tensor,
-    lse_HT: torch.Tensor,
-    delta_HT: torch.Tensor,
-    scale: float,
-    causal: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of one block given the *final* lse and delta = rowsum(dout * out)."""
-    num_kv_heads = k_TGD.shape[1]
-    group = q_THD.shape[1] // num_kv_heads
-    scores_HQK = _block_scores(q_THD, k_TGD, scale, causal)
-    probs_HQK = torch.exp(scores_HQK - lse_HT.unsqueeze(-1))
-    k_THD = k_TGD.repeat_interleave(group, dim=1)
-    v_THD = v_TGD.repeat_interleave(group, dim=1)
-    dv_THD = torch.einsum("hqk,qhd->khd", probs_HQK, dout_THD)
-    dprobs_HQK = torch.einsum("qhd,khd->hqk", dout_THD, v_THD)
-    dscores_HQK = probs_HQK * (dprobs_HQK - delta_HT.unsqueeze(-1)) * scale
-    dq_THD = torch.einsum("hqk,khd->qhd", dscores_HQK, k_THD)
-    dk_THD = torch.einsum("hqk,qhd->khd", dscores_HQK, q_THD)
-    num_keys, _, head_dim = k_TGD.shape
-    dk_TGD = dk_THD.reshape(num_keys, num_kv_heads, group, head_dim).sum(dim=2)
-    dv_TGD = dv_THD.reshape(num_keys, num_kv_heads, group, head_dim).sum(dim=2)
-    return dq_THD, dk_TGD, dv_TGD
-
-
-def _merge(
-    out_THD: torch.Tensor,
-    lse_HT: torch.Tensor,
-    block_out_THD: torch.Tensor,
-    block_lse_HT: torch.Tensor,
-) -> None:
-    """In place: out, lse <- softmax-weighted union of (out, lse) and the block's."""
-    new_lse_HT = torch.logaddexp(lse_HT, block_lse_HT)
-    keep_TH1 = torch.exp(lse_HT - new_lse_HT).transpose(0, 1).unsqueeze(-1)
-    take_TH1 = torch.exp(block_lse_HT - new_lse_HT).transpose(0, 1).unsqueeze(-1)
-    out_THD.copy_(keep_TH1 * out_THD + take_TH1 * block_out_THD)
-    lse_HT.copy_(new_lse_HT)
-
-
-def _documents(chunk_sizes: Sequence[int]) -> list[tuple[int, int]]:
-    """(offset, c) of every document in the local zigzag layout."""
-    docs, offset = [], 0
-    for c in chunk_sizes:
-        docs.append((offset, c))
-        offset += 2 * c
-    return docs
-
-
-def _visible(position: int, src: int, offset: int, c: int) -> tuple[slice, slice, bool]:
-    """(query rows, key rows, causal) of one document for ring position ``position`` holding
-    the K/V of ring position ``src``: the zigzag rules of the module docstring."""
-    if src == position:
-        return slice(offset, offset + 2 * c), slice(offset, offset + 2 * c), True
-    if src < position:
-        return slice(offset, offset + 2 * c), slice(offset, offset + c), False
-    return slice(offset + c, offset + 2 * c), slice(offset, offset + 2 * c), False
+    docs = TokenDocs.packed(bounds, q_THD.device)
+    return _PackedAttention.apply(q_THD, k_TGD, v_TGD, docs, _scale(q_THD.shape[2], scale))
 
 
 class _ZigzagRingAttention(torch.autograd.Function):
@@ -235,16 +179,15 @@ class _ZigzagRingAttention(torch.autograd.Function):
         scale: float,
         counter: CommCounter | None,
     ) -> torch.Tensor:
-        compute = _compute_dtype(q_THD.dtype)
-        q_c = q_THD.to(compute)
+        compute = compute_dtype(q_THD.dtype)
         ring_size = len(ranks)
-        docs = _documents(chunk_sizes)
-        num_kv_tokens, num_kv_heads, head_dim = k_TGD.shape
-        kv_numel = num_kv_tokens * num_kv_heads * head_dim
+        device = q_THD.device
+        q_docs = TokenDocs.zigzag(chunk_sizes, ring_size, position, device)
+        kv_numel = k_TGD.numel()
         kv_block = torch.cat([k_TGD.reshape(-1), v_TGD.reshape(-1)])
-        out_THD = torch.zeros(q_THD.shape, dtype=compute, device=q_THD.device)
+        out_THD = torch.zeros(q_THD.shape, dtype=compute, device=device)
         lse_HT = torch.full(
-            (q_THD.shape[1], q_THD.shape[0]), float("-inf"), dtype=compute, device=q_THD.device
+            (q_THD.shape[1], q_THD.shape[0]), -math.inf, dtype=compute, device=device
         )
         tag = ring_tag(item_id, RingChannel.KV_FORWARD)
         for step in range(ring_size):
@@ -254,14 +197,16 @@ class _ZigzagRingAttention(torch.autograd.Function):
                     ranks, position, tag, CommCategory.RING_KV, counter, kv_block
                 )
             src = (position - step) % ring_size
-            k_c = kv_block[:kv_numel].view(k_TGD.shape).to(compute)
-            v_c = kv_block[kv_numel:].view(v_TGD.shape).to(compute)
-            for offset, c in docs:
-                rows, cols, causal = _visible(position, src, offset, c)
-                block_out, block_lse = _block_forward(
-                    q_c[rows], k_c[cols], v_c[cols], scale, causal
-                )
-                _merge(out_THD[rows], lse_HT[:, rows], block_out, block_lse)
+            k_docs = TokenDocs.zigzag(chunk_sizes, ring_size, src, device)
+            block_out, block_lse = block_forward(
+                q_THD,
+                kv_block[:kv_numel].view(k_TGD.shape),
+                kv_block[kv_numel:].view(v_TGD.shape),
+                q_docs,
+                k_docs,
+                scale=scale,
+            )
+            merge_partial(out_THD, lse_HT, block_out, block_lse)
             if exchange is not None:
                 kv_block = exchange.wait()
         ctx.save_for_backward(q_THD, k_TGD, v_TGD, out_THD, lse_HT)
@@ -274,13 +219,12 @@ class _ZigzagRingAttention(torch.autograd.Function):
         ranks, position, item_id, chunk_sizes, scale, counter = ctx.ring
         compute = out_THD.dtype
         ring_size = len(ranks)
-        docs = _documents(chunk_sizes)
-        q_c = q_THD.to(compute)
-        dout_c = dout_THD.to(compute)
-        delta_HT = (dout_c * out_THD).sum(dim=-1).transpose(0, 1)
+        device = q_THD.device
+        q_docs = TokenDocs.zigzag(chunk_sizes, ring_size, position, device)
+        delta_HT = (dout_THD.to(compute) * out_THD).sum(dim=-1).transpose(0, 1)
         kv_numel = k_TGD.numel()
         kv_block = torch.cat([k_TGD.reshape(-1), v_TGD.reshape(-1)])
-        dq_THD = torch.zeros_like(q_c)
+        dq_THD = torch.zeros(q_THD.shape, dtype=compute, device=device)
         received_dkv = None
         kv_tag = ring_tag(item_id, RingChannel.KV_BACKWARD)
         dkv_tag = ring_tag(item_id, RingChannel.DKV)
@@ -291,30 +235,22 @@ class _ZigzagRingAttention(torch.autograd.Function):
                     ranks, position, kv_tag, CommCategory.RING_KV, counter, kv_block
                 )
             src = (position - step) % ring_size
-            k_c = kv_block[:kv_numel].view(k_TGD.shape).to(compute)
-            v_c = kv_block[kv_numel:].view(v_TGD.shape).to(compute)
-            dkv_block = (
-                torch.zeros(2 * kv_numel, dtype=compute, device=q_THD.device)
-                if received_dkv is None
-                else received_dkv
+            k_docs = TokenDocs.zigzag(chunk_sizes, ring_size, src, device)
+            dq, dk, dv = block_backward(
+                q_THD,
+                kv_block[:kv_numel].view(k_TGD.shape),
+                kv_block[kv_numel:].view(v_TGD.shape),
+                dout_THD,
+                lse_HT,
+                delta_HT,
+                q_docs,
+                k_docs,
+                scale=scale,
             )
-            dk_c = dkv_block[:kv_numel].view(k_TGD.shape)
-            dv_c = dkv_block[kv_numel:].view(v_TGD.shape)
-            for offset, c in docs:
-                rows, cols, causal = _visible(position, src, offset, c)
-                dq, dk, dv = _block_backward(
-                    q_c[rows],
-                    k_c[cols],
-                    v_c[cols],
-                    dout_c[rows],
-                    lse_HT[:, rows],
-                    delta_HT[:, rows],
-                    scale,
-                    causal,
-                )
-                dq_THD[rows] += dq
-                dk_c[cols] += dk
-                dv_c[cols] += dv
+            dq_THD += dq
+            dkv_block = torch.cat([dk.reshape(-1), dv.reshape(-1)])
+            if received_dkv is not None:
+                dkv_block += received_dkv
             # The accumulator for src's block moves on with src's K/V; after ring_size hops
             # (the last one from position - 1) this rank receives its own finished dK/dV.
             dkv_exchange = RingExchange(
