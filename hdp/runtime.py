@@ -299,6 +299,12 @@ class HDPRunner:
         offload_ratio: fraction of saved activations moved to host for micro-batches of at
             least ``offload_min_slots`` token slots; None (default) follows each item's
             ``offload_ratio`` from the plan.
+        autocast: ``torch.bfloat16`` or ``torch.float16`` runs each forward under
+            ``torch.autocast`` in that dtype: parameters and their gradients stay in their
+            own (float32 master) dtype, matmuls and attention inputs are low precision, and
+            attention keeps its softmax statistics, ring merges and dK/dV accumulators in
+            float32 and returns gradients in its input dtype. None (default) computes in the
+            parameters' dtype.
 
     Construct it on every rank of the world (with NCCL it runs one warm-up collective).
     """
@@ -312,12 +318,18 @@ class HDPRunner:
         pad_id: int = 0,
         offload_ratio: float | None = None,
         offload_min_slots: int = 0,
+        autocast: torch.dtype | None = None,
     ) -> None:
+        if autocast not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"autocast must be torch.bfloat16, torch.float16 or None, got {autocast}"
+            )
         if not dist.is_initialized():
             raise ValueError("HDPRunner needs torch.distributed initialized (torchrun)")
         if offload_ratio is not None and not 0.0 <= offload_ratio <= 1.0:
             raise ValueError(f"offload_ratio must be in [0, 1] or None, got {offload_ratio}")
         self.model = model
+        self.autocast = autocast
         self.group = group if group is not None else dist.group.WORLD
         self.loss_fn = loss_fn
         self.pad_id = pad_id
@@ -377,7 +389,13 @@ class HDPRunner:
             if mb.slots < self.offload_min_slots:
                 ratio = 0.0
             started = time.perf_counter()
-            with attention_layout(mb.layout), offloader.offloading(ratio):
+            with (
+                attention_layout(mb.layout),
+                offloader.offloading(ratio),
+                torch.autocast(
+                    self.device.type, dtype=self.autocast, enabled=self.autocast is not None
+                ),
+            ):
                 logits = self.model(mb.input_ids.to(self.device), mb.position_ids.to(self.device))
                 loss = self.loss_fn(logits, mb.labels.to(self.device))
             loss.backward()
