@@ -232,8 +232,7 @@ def _backward_kv_kernel(
                 other=0.0,
             ).to(q.dtype)
             lse = tl.load(lse_ptr + head * stride_lh + rows * stride_lt, mask=row_ok, other=0.0)
-            # A query that sees no key of any block has lse -inf and every score masked here.
-            lse = tl.where(lse == float("-inf"), 0.0, lse * _LOG2E)
+            lse *= _LOG2E
             delta = tl.load(delta_ptr + head * stride_eh + rows * stride_et, mask=row_ok, other=0.0)
             q_doc = tl.load(q_doc_ptr + rows, mask=row_ok, other=0)
             visible = (k_doc[:, None] == q_doc[None, :]) & row_ok[None, :] & col_ok[:, None]
@@ -241,6 +240,8 @@ def _backward_kv_kernel(
                 q_pos = tl.load(q_pos_ptr + rows, mask=row_ok, other=0)
                 visible &= k_pos[:, None] <= q_pos[None, :]
             scores_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+            # A select, not a product: a query that sees no key of any block has lse -inf,
+            # exp2 gives inf there, and every one of its scores is masked.
             probs_t = tl.where(visible, tl.exp2(scores_t - lse[None, :]), 0.0)
             dv += tl.dot(probs_t.to(dout.dtype), dout, input_precision=PRECISION)
             dprobs_t = tl.dot(v, tl.trans(dout), input_precision=PRECISION)
@@ -320,7 +321,7 @@ def _backward_q_kernel(
         other=0.0,
     ).to(q.dtype)
     lse = tl.load(lse_ptr + head * stride_lh + rows * stride_lt, mask=row_ok, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse * _LOG2E)
+    lse *= _LOG2E
     delta = tl.load(delta_ptr + head * stride_eh + rows * stride_et, mask=row_ok, other=0.0)
     q_doc = tl.load(q_doc_ptr + rows, mask=row_ok, other=0)
     q_pos = tl.load(q_pos_ptr + rows, mask=row_ok, other=0)
@@ -348,7 +349,7 @@ def _backward_q_kernel(
             k_pos = tl.load(k_pos_ptr + cols, mask=col_ok, other=0)
             visible &= k_pos[None, :] <= q_pos[:, None]
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        probs = tl.where(visible, tl.exp2(scores - lse[:, None]), 0.0)
+        probs = tl.where(visible, tl.exp2(scores - lse[:, None]), 0.0)  # inf where lse = -inf
         dprobs = tl.dot(dout, tl.trans(v), input_precision=PRECISION)
         dscores = probs * (dprobs - delta[:, None])
         dq += tl.dot(dscores.to(k.dtype), k, input_precision=PRECISION)
