@@ -6,7 +6,9 @@ memory holds one logical tensor. The nesting of the saved state comes from the
 metadata's ``planner_data`` (key -> path), so ``{"model": ..., "optim": ...}`` saved
 with DCP becomes the entries ``model`` and ``optim``. An optimizer saved the
 ``get_state_dict`` way (state keyed by parameter FQN) becomes a bitscale optimizer
-entry keyed by ``"<model entry>/<fqn>"``, which ``Checkpointer.load`` matches by name.
+entry keyed by ``"<model entry>/<fqn>"``, which ``Checkpointer.load`` matches by name,
+with its state tensors named as a native save names them
+(``optim/state/model/<fqn>/exp_avg``), so sharded targets (FSDP2) load it too.
 
 Writing builds the nested state (optimizer keyed by FQN again) and calls ``dcp.save``.
 """
@@ -82,28 +84,38 @@ def import_dcp(
     checkpoint; nothing is committed then.
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     dcp_dir = Path(dcp_dir)
     metadata = _dcp_metadata(dcp_dir)
     paths = metadata.planner_data or {}
+    items = [
+        (key, tuple(paths.get(key, (key,))), item)
+        for key, item in sorted(metadata.state_dict_metadata.items())
+    ]
+    tensors = [(key, path, item) for key, path, item in items if _is_tensor(item)]
     tree: dict[str, Any] = {}
-    items = sorted(metadata.state_dict_metadata.items())
     with StepWriter(root, step) as writer:
-        for done, (key, item) in enumerate(items, 1):
-            path = tuple(paths.get(key, (key,)))
-            name = "/".join(str(p) for p in path)
-            if isinstance(item, TensorStorageMetadata):
-                value = torch.empty(item.size, dtype=item.properties.dtype)
-                dcp.load(
-                    {key: value}, storage_reader=dcp.FileSystemReader(str(dcp_dir)), no_dist=True
-                )
-                writer.add(name, value)
-                _set_path(tree, path, {"$tensor": name})
-            else:
-                holder: dict[str, Any] = {key: None}
-                dcp.load(holder, storage_reader=dcp.FileSystemReader(str(dcp_dir)), no_dist=True)
-                _set_path(tree, path, encode_skeleton(holder[key], _no_tensors, path[:1]))
+        # Everything but tensors first: the optimizer's param_groups say whether it is
+        # keyed by parameter FQN, which decides the names its state tensors are stored under.
+        done = 0
+        for key, path, item in items:
+            if _is_tensor(item):
+                _set_path(tree, path, None)
+                continue
+            holder: dict[str, Any] = {key: None}
+            dcp.load(holder, storage_reader=dcp.FileSystemReader(str(dcp_dir)), no_dist=True)
+            _set_path(tree, path, encode_skeleton(holder[key], _no_tensors, path[:1]))
+            done += 1
+            if progress is not None:
+                progress(done, len(items))
+        fqn_optimizer = _is_fqn_optimizer(tree.get(optimizer_entry))
+        for key, path, item in tensors:
+            name = _tensor_name(path, model_entry, optimizer_entry if fqn_optimizer else None)
+            value = torch.empty(item.size, dtype=item.properties.dtype)
+            dcp.load({key: value}, storage_reader=dcp.FileSystemReader(str(dcp_dir)), no_dist=True)
+            writer.add(name, value)
+            _set_path(tree, path, {"$tensor": name})
+            done += 1
             if progress is not None:
                 progress(done, len(items))
         entries = {}
@@ -111,10 +123,26 @@ def import_dcp(
             kind = EntryKind.OBJECT
             if entry == model_entry and _all_tensor_refs(value):
                 kind = EntryKind.MODULE
-            elif entry == optimizer_entry and _is_fqn_optimizer(value):
+            elif entry == optimizer_entry and fqn_optimizer:
                 kind, value = EntryKind.OPTIMIZER, _prefix_optimizer(value, f"{model_entry}/")
             entries[entry] = {"kind": str(kind), "value": value}
         return writer.commit(entries)
+
+
+def _is_tensor(item: Any) -> bool:
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    return isinstance(item, TensorStorageMetadata)
+
+
+def _tensor_name(path: tuple[Any, ...], model_entry: str, fqn_optimizer: str | None) -> str:
+    """The bitscale name of the DCP tensor at ``path``: its ``/``-joined path, except that
+    the state of an optimizer keyed by FQN (``fqn_optimizer``: its entry) is named like a
+    native save's, after the parameter's name in the model entry
+    (``optim/state/<model entry>/<fqn>/exp_avg``), so sharded loads find it."""
+    if fqn_optimizer is not None and path[:2] == (fqn_optimizer, "state") and len(path) > 2:
+        path = (*path[:2], f"{model_entry}/{path[2]}", *path[3:])
+    return "/".join(str(p) for p in path)
 
 
 def _no_tensors(path: tuple[str, ...], tensor: torch.Tensor) -> str:
