@@ -419,68 +419,103 @@ def zero_fragment_layout(param: torch.nn.Parameter, *, stage: int) -> RankLayout
 def deepspeed_zero_state(
     engine: Any, *, model_entry: str = "model", optimizer_entry: str = "optim"
 ) -> tuple[dict[str, Any], dict[str, EntryKind]]:
-    """This rank's fp32 weights and Adam moments of a live ZeRO-1/2/3 ``engine``, each an
-    annotated flat fragment, as ``(state, kinds)`` for ``save_sharded(..., kinds=kinds)``:
-    every rank writes only its fragments, and the result loads into a plain torch model
-    and optimizer (``Checkpointer.load`` / ``load_sharded``) at any world size.
+    """This rank's fp32 weights and optimizer state of a live ZeRO-1/2/3 ``engine``, each
+    an annotated flat fragment, and the module's persistent buffers, as ``(state, kinds)``
+    for ``save_sharded(..., kinds=kinds)``: every rank writes only its fragments, and the
+    result loads into a plain torch model and optimizer (``Checkpointer.load`` /
+    ``load_sharded``) at any world size.
 
-    The optimizer is saved as one parameter group, so parameter groups must share their
-    hyperparameters (``ValueError`` otherwise)."""
-    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
-
-    groups = engine.optimizer.optimizer.param_groups
-    hyper = {k: v for k, v in groups[0].items() if k != "params"}
-    differing = []
-    for index, group in enumerate(groups[1:], 1):
-        keys = sorted((set(group) | set(hyper)) - {"params"})
-        changed = [k for k in keys if group.get(k) != hyper.get(k)]
-        if changed:
-            differing.append(f"group {index}: {', '.join(changed)}")
-    if differing:
-        raise ValueError(
-            f"the engine's optimizer has {len(groups)} parameter groups whose hyperparameters "
-            f"differ from group 0's ({'; '.join(differing)}), and deepspeed_zero_state saves "
-            "the optimizer as one group; save with engine.save_checkpoint() and import the "
-            "folder with import_deepspeed (bitscale ckpt from-deepspeed), which keeps each group"
-        )
+    Each parameter group keeps its hyperparameters, as :func:`import_deepspeed` keeps
+    them. Optimizer state is read from the state of each group's flat fp32 partition, not
+    from DeepSpeed's per-parameter views: ZeRO-1/2 link those once, right after the first
+    group's first step, so the views of every later group stay empty. Raises
+    ``ValueError`` for a parameter in no optimizer group (a frozen one)."""
     stage = engine.zero_optimization_stage()
+    torch_optimizer = engine.optimizer.optimizer
+    names = {id(param): pname for pname, param in engine.module.named_parameters()}
     weights: dict[str, torch.Tensor] = {}
     optimizer_state: dict[str, Any] = {}
-    names = []
-    for pname, param in engine.module.named_parameters():
-        layout = zero_fragment_layout(param, stage=stage)
-        name = f"{model_entry}/{pname}"
-        names.append(name)
-        mapping = getattr(param, "_hp_mapping", None)
-        if stage == 3:
-            fragments = {"fp32": safe_get_local_fp32_param(param)}
-            for key in ("exp_avg", "exp_avg_sq"):
-                fragments[key] = safe_get_local_optimizer_state(param, key)
-        elif mapping is not None:
-            fragments = {"fp32": mapping.hp_fragment}
-            for key in mapping.get_optim_state_keys():
-                fragments[key] = mapping.get_optim_state_fragment(key)
-        else:
-            empty = torch.empty(0, dtype=torch.float32)
-            fragments = {"fp32": empty, "exp_avg": empty.clone(), "exp_avg_sq": empty.clone()}
-        weights[pname] = annotate(fragments.pop("fp32").detach(), layout)
-        optimizer_state[name] = {
-            key: annotate(value.detach(), layout) for key, value in sorted(fragments.items())
-        }
-        step = _optimizer_step(engine.optimizer, param)
-        if step is not None:
-            optimizer_state[name]["step"] = step
+    groups: list[dict[str, Any]] = [
+        {**{k: v for k, v in group.items() if k != "params"}, "params": []}
+        for group in torch_optimizer.param_groups
+    ]
+    for group_index, fragments, flat in _flat_partitions(engine.optimizer, stage):
+        flat_state = torch_optimizer.state.get(flat, {})
+        # The moments: the state tensors shaped like the partition (DeepSpeed's own rule).
+        keys = sorted(
+            key
+            for key, value in flat_state.items()
+            if isinstance(value, torch.Tensor) and value.shape == flat.shape
+        )
+        step = flat_state.get("step")
+        for param, start, numel in fragments:
+            pname = names[id(param)]
+            name = f"{model_entry}/{pname}"
+            layout = zero_fragment_layout(param, stage=stage)
+            weights[pname] = annotate(flat.detach().narrow(0, start, numel), layout)
+            state: dict[str, Any] = {
+                key: annotate(flat_state[key].detach().narrow(0, start, numel), layout)
+                for key in keys
+            }
+            if step is not None:
+                state["step"] = step.detach().clone() if isinstance(step, torch.Tensor) else step
+            optimizer_state[name] = state
+            groups[group_index]["params"].append(name)
+    frozen = sorted(pname for pname in names.values() if pname not in weights)
+    if frozen:
+        raise ValueError(
+            f"parameters {frozen} are in no optimizer parameter group (frozen?), so DeepSpeed "
+            "keeps no fp32 copy of them to save; save with engine.save_checkpoint() and "
+            "import the folder with import_deepspeed (bitscale ckpt from-deepspeed)"
+        )
+    param_names = {pname for pname, _ in engine.module.named_parameters(remove_duplicate=False)}
+    for key, value in engine.module.state_dict(keep_vars=True).items():
+        if key not in param_names and isinstance(value, torch.Tensor):
+            weights[key] = value.detach()  # a persistent buffer: whole on every rank
     state = {
         model_entry: weights,
-        optimizer_entry: {"state": optimizer_state, "param_groups": [{**hyper, "params": names}]},
+        optimizer_entry: {"state": optimizer_state, "param_groups": groups},
     }
     return state, {model_entry: EntryKind.MODULE, optimizer_entry: EntryKind.OPTIMIZER}
 
 
-def _optimizer_step(ds_optimizer: Any, param: torch.nn.Parameter) -> Any:
-    """The step counter of the (flat) torch optimizer DeepSpeed drives: one per group."""
-    for state in ds_optimizer.optimizer.state.values():
-        if "step" in state:
-            step = state["step"]
-            return step.detach().clone() if isinstance(step, torch.Tensor) else step
-    return None
+def _flat_partitions(
+    ds_optimizer: Any, stage: int
+) -> list[tuple[int, list[tuple[torch.nn.Parameter, int, int]], torch.Tensor]]:
+    """Each flat fp32 partition DeepSpeed steps on this rank (one per group under ZeRO-1/2,
+    one per ``sub_group_size`` sub-group under ZeRO-3) as ``(torch param group index,
+    [(parameter, start, numel) of its fragment in the partition], partition)``."""
+    if stage == 3:
+        partitions = []
+        for index, params in enumerate(ds_optimizer.fp16_groups):
+            # A sub-group's partition is its parameters' partitions in order.
+            fragments, start = [], 0
+            for param in params:
+                fragments.append((param, start, param.partition_numel()))
+                start += param.partition_numel()
+            partitions.append(
+                (
+                    ds_optimizer.sub_group_to_group_id[index],
+                    fragments,
+                    ds_optimizer.fp32_partitioned_groups_flat[index],
+                )
+            )
+        return partitions
+    if hasattr(ds_optimizer, "bit16_groups"):
+        params_per_group = ds_optimizer.bit16_groups
+        flats = ds_optimizer.single_partition_of_fp32_groups
+    else:  # BF16_Optimizer: bf16 weights with fp32 gradient accumulation under ZeRO-1
+        params_per_group = ds_optimizer.bf16_groups
+        flats = ds_optimizer.fp32_groups_flat_partition
+    partitions = []
+    for index, (params, flat) in enumerate(zip(params_per_group, flats, strict=True)):
+        fragments = []
+        for param in params:
+            mapping = getattr(param, "_hp_mapping", None)
+            if mapping is None:  # this rank holds no element of the parameter
+                fragments.append((param, 0, 0))
+            else:
+                address = mapping.hp_fragment_address
+                fragments.append((param, address.start, address.numel))
+        partitions.append((index, fragments, flat))
+    return partitions
