@@ -147,23 +147,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @contextmanager
 def _progress(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar driven by ``update(done, total)`` callbacks."""
+    """A rich progress bar driven by ``update(done, total)`` callbacks. It appears at the
+    first update, so a command refused before any work prints its error line alone."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    with Progress(
+    progress = Progress(
         "[progress.description]{task.description}",
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         transient=False,
         console=_console(stderr=True),
-    ) as progress:
-        task = progress.add_task(description, total=None)
+    )
+    tasks: list[Any] = []
 
-        def update(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
+    def update(done: int, total: int) -> None:
+        if not tasks:
+            progress.start()
+            tasks.append(progress.add_task(description, total=total))
+        progress.update(tasks[0], completed=done, total=total)
 
+    try:
         yield update
+    finally:
+        if tasks:
+            progress.stop()
 
 
 def _console(*, stderr: bool = False) -> Any:

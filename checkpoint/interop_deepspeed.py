@@ -104,31 +104,54 @@ def import_deepspeed(
     lack a parameter's files; nothing is committed then.
     """
     tag_dir = find_deepspeed_tag_dir(ds_dir, tag)
-    if _is_universal(tag_dir):
-        return _import_universal(tag_dir, root, step, model_entry, optimizer_entry, progress)
-    if not any(tag_dir.glob("*_optim_states.pt")):
+    universal = _is_universal(tag_dir)
+    if not universal and not any(tag_dir.glob("*_optim_states.pt")):
         raise ValueError(
             f"{tag_dir} is neither a DeepSpeed ZeRO checkpoint (no *_optim_states.pt) nor a "
             "universal one (no zero/optimizer_state.pt)"
         )
-    from deepspeed.checkpoint import ds_to_universal
+    if step is None:
+        step = _global_steps(tag_dir)
+    # Opened before the conversion, so a step that root cannot take is refused at once.
+    with StepWriter(root, step) as writer:
+        if universal:
+            return _import_universal(tag_dir, writer, model_entry, optimizer_entry, progress)
+        from deepspeed.checkpoint import ds_to_universal
 
-    with tempfile.TemporaryDirectory(prefix="bitscale-ds-universal-") as tmp:
-        args = argparse.Namespace(
-            input_folder=str(tag_dir),
-            output_folder=str(Path(tmp) / "universal"),
-            num_extract_workers=1,
-            num_merge_workers=1,
-            keep_temp_folder=False,
-            strict=True,
-            # Checkpoints saved without client_state["universal_checkpoint_info"] convert too.
-            inject_missing_state=True,
-        )
-        with contextlib.redirect_stdout(io.StringIO()):
-            ds_to_universal.main(args)
-        return _import_universal(
-            Path(args.output_folder), root, step, model_entry, optimizer_entry, progress
-        )
+        with tempfile.TemporaryDirectory(prefix="bitscale-ds-universal-") as tmp:
+            args = argparse.Namespace(
+                input_folder=str(tag_dir),
+                output_folder=str(Path(tmp) / "universal"),
+                num_extract_workers=1,
+                num_merge_workers=1,
+                keep_temp_folder=False,
+                strict=True,
+                # Checkpoints saved without client_state["universal_checkpoint_info"] convert too.
+                inject_missing_state=True,
+            )
+            with contextlib.redirect_stdout(io.StringIO()):
+                ds_to_universal.main(args)
+            return _import_universal(
+                Path(args.output_folder), writer, model_entry, optimizer_entry, progress
+            )
+
+
+def _model_states_file(folder: Path) -> Path:
+    files = sorted(folder.glob("*model_states.pt"))
+    if not files:
+        raise ValueError(f"{folder} has no *model_states.pt: not a DeepSpeed checkpoint")
+    return files[0]
+
+
+def _global_steps(folder: Path) -> int:
+    """DeepSpeed's ``global_steps`` of the checkpoint in ``folder``. Memory-mapped: the
+    module weights that ZeRO-1/2 model-states files hold are not read."""
+    path = _model_states_file(folder)
+    try:
+        model_states = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as error:
+        raise ValueError(f"{path} cannot be read ({error!r}); is it damaged?") from error
+    return int(model_states.get("global_steps", 0))
 
 
 def _universal_tensor(path: Path, shape: tuple[int, ...]) -> torch.Tensor:
@@ -144,87 +167,81 @@ def _universal_tensor(path: Path, shape: tuple[int, ...]) -> torch.Tensor:
 
 def _import_universal(
     folder: Path,
-    root: str | os.PathLike[str],
-    step: int | None,
+    writer: StepWriter,
     model_entry: str,
     optimizer_entry: str,
     progress: Callable[[int, int], None] | None,
 ) -> Path:
-    model_files = sorted(folder.glob("*model_states.pt"))
-    if not model_files:
-        raise ValueError(f"{folder} has no *model_states.pt: not a DeepSpeed universal checkpoint")
-    model_states = _torch_load(model_files[0])
+    model_file = _model_states_file(folder)
+    model_states = _torch_load(model_file)
     optimizer_state = _torch_load(folder / "zero" / "optimizer_state.pt")
     param_shapes = model_states.get("param_shapes")
     groups = optimizer_state.get("param_groups")
     if not param_shapes or groups is None or len(groups) != len(param_shapes):
         raise ValueError(
-            f"{folder}: param_shapes of {model_files[0].name} and param_groups of "
+            f"{folder}: param_shapes of {model_file.name} and param_groups of "
             "zero/optimizer_state.pt disagree; the folder is damaged"
         )
     # ZeRO-3 universal folders keep the step only in the flat optimizer state.
     flat_state = optimizer_state.get("optimizer_state_dict", {}).get("state", {})
-    if step is None:
-        step = int(model_states.get("global_steps", 0))
     total = sum(len(shapes) for shapes in param_shapes)
     done = 0
     module_skeleton: dict[str, Any] = {}
     optimizer_skeleton: dict[str, Any] = {"state": {}, "param_groups": []}
-    with StepWriter(root, step) as writer:
-        for group_index, (shapes, group) in enumerate(zip(param_shapes, groups, strict=True)):
-            names = []
-            for pname, shape in shapes.items():
-                shape = tuple(int(s) for s in shape)
-                param_dir = folder / "zero" / pname
-                if not (param_dir / "fp32.pt").is_file():
-                    raise ValueError(f"{folder} lacks zero/{pname}/fp32.pt")
-                name = f"{model_entry}/{pname}"
-                writer.add(name, _universal_tensor(param_dir / "fp32.pt", shape))
-                module_skeleton[pname] = {"$tensor": name}
-                param_state: dict[str, Any] = {}
-                for state_file in sorted(param_dir.glob("*.pt")):
-                    key = state_file.stem
-                    if key in ("fp32", "step"):
-                        continue
-                    state_name = f"{optimizer_entry}/state/{name}/{key}"
-                    writer.add(state_name, _universal_tensor(state_file, shape))
-                    param_state[key] = {"$tensor": state_name}
-                step_value = (
-                    _torch_load(param_dir / "step.pt")
-                    if (param_dir / "step.pt").is_file()
-                    else flat_state.get(group_index, {}).get("step")
-                )
-                if step_value is not None:
-                    step_name = f"{optimizer_entry}/state/{name}/step"
-                    writer.add(step_name, torch.as_tensor(step_value).detach().clone())
-                    param_state["step"] = {"$tensor": step_name}
-                optimizer_skeleton["state"][name] = param_state
-                names.append(name)
-                done += 1
-                if progress is not None:
-                    progress(done, total)
-            hyper = {k: v for k, v in group.items() if k != "params"}
-            optimizer_skeleton["param_groups"].append(
-                {**encode_skeleton(hyper, _no_tensor, (optimizer_entry,)), "params": names}
+    for group_index, (shapes, group) in enumerate(zip(param_shapes, groups, strict=True)):
+        names = []
+        for pname, shape in shapes.items():
+            shape = tuple(int(s) for s in shape)
+            param_dir = folder / "zero" / pname
+            if not (param_dir / "fp32.pt").is_file():
+                raise ValueError(f"{folder} lacks zero/{pname}/fp32.pt")
+            name = f"{model_entry}/{pname}"
+            writer.add(name, _universal_tensor(param_dir / "fp32.pt", shape))
+            module_skeleton[pname] = {"$tensor": name}
+            param_state: dict[str, Any] = {}
+            for state_file in sorted(param_dir.glob("*.pt")):
+                key = state_file.stem
+                if key in ("fp32", "step"):
+                    continue
+                state_name = f"{optimizer_entry}/state/{name}/{key}"
+                writer.add(state_name, _universal_tensor(state_file, shape))
+                param_state[key] = {"$tensor": state_name}
+            step_value = (
+                _torch_load(param_dir / "step.pt")
+                if (param_dir / "step.pt").is_file()
+                else flat_state.get(group_index, {}).get("step")
             )
-        module = model_states.get("module") or {}
-        for buffer_name in model_states.get("buffer_names", []):
-            name = f"{model_entry}/{buffer_name}"
-            writer.add(name, module[buffer_name].detach().clone())
-            module_skeleton[buffer_name] = {"$tensor": name}
-        entries = {
-            model_entry: {"kind": str(EntryKind.MODULE), "value": module_skeleton},
-            optimizer_entry: {"kind": str(EntryKind.OPTIMIZER), "value": optimizer_skeleton},
-            "deepspeed": {
-                "kind": str(EntryKind.OBJECT),
-                "value": {
-                    key: model_states[key]
-                    for key in ("global_steps", "global_samples", "skipped_steps", "ds_version")
-                    if isinstance(model_states.get(key), int | str)
-                },
+            if step_value is not None:
+                step_name = f"{optimizer_entry}/state/{name}/step"
+                writer.add(step_name, torch.as_tensor(step_value).detach().clone())
+                param_state["step"] = {"$tensor": step_name}
+            optimizer_skeleton["state"][name] = param_state
+            names.append(name)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        optimizer_skeleton["param_groups"].append(
+            {**encode_skeleton(hyper, _no_tensor, (optimizer_entry,)), "params": names}
+        )
+    module = model_states.get("module") or {}
+    for buffer_name in model_states.get("buffer_names", []):
+        name = f"{model_entry}/{buffer_name}"
+        writer.add(name, module[buffer_name].detach().clone())
+        module_skeleton[buffer_name] = {"$tensor": name}
+    entries = {
+        model_entry: {"kind": str(EntryKind.MODULE), "value": module_skeleton},
+        optimizer_entry: {"kind": str(EntryKind.OPTIMIZER), "value": optimizer_skeleton},
+        "deepspeed": {
+            "kind": str(EntryKind.OBJECT),
+            "value": {
+                key: model_states[key]
+                for key in ("global_steps", "global_samples", "skipped_steps", "ds_version")
+                if isinstance(model_states.get(key), int | str)
             },
-        }
-        return writer.commit(entries)
+        },
+    }
+    return writer.commit(entries)
 
 
 def _no_tensor(path: tuple[str, ...], tensor: torch.Tensor) -> str:

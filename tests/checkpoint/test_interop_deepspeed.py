@@ -314,6 +314,9 @@ def test_foreign_and_damaged_deepspeed_folders(tmp_path: Path) -> None:
     (tmp_path / "empty" / "nope" / "mp_rank_00_model_states.pt").write_bytes(b"junk")
     with pytest.raises(ValueError, match="neither a DeepSpeed ZeRO checkpoint"):
         import_deepspeed(tmp_path / "empty", tmp_path / "out")
+    (tmp_path / "empty" / "nope" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"mp_rank_00_model_states\.pt cannot be read"):
+        import_deepspeed(tmp_path / "empty", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
