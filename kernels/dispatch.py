@@ -51,6 +51,7 @@ __all__ = [
     "kernel_status",
     "linear_packed",
     "resolve_backend",
+    "run_packed",
 ]
 
 _log = logging.getLogger(__name__)
@@ -336,7 +337,21 @@ def linear_packed(
     activation_method = parse_method(activation_method)
     check_linear_inputs(x, weight.in_features, weight.out_features, bias)
     check_same_device(x, weight.data.device, bias)
-    chosen = resolve_backend(backend, x.device)
+    return run_packed(
+        x, weight, a_bits, activation_method, bias, resolve_backend(backend, x.device)
+    )
+
+
+def run_packed(
+    x: torch.Tensor,
+    weight: PackedWeight,
+    a_bits: int,
+    activation_method: QuantMethod,
+    bias: torch.Tensor | None,
+    chosen: Backend,
+) -> torch.Tensor:
+    """:func:`linear_packed` on inputs it has checked and a backend already resolved
+    (BipolarLinear's eager forward, whose config was checked once, at construction)."""
     if chosen is Backend.TRITON_BITPLANE:
         raise ValueError(
             "backend 'triton_bitplane' implements bipolar_mm_int only; use 'triton' or "

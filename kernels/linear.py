@@ -30,7 +30,12 @@ from bitscale.kernels.config import (
     check_group_size,
     weight_layout,
 )
-from bitscale.kernels.dispatch import check_linear_inputs, linear_packed, resolve_backend
+from bitscale.kernels.dispatch import (
+    check_linear_inputs,
+    check_same_device,
+    resolve_backend,
+    run_packed,
+)
 from bitscale.kernels.format import fake_quantize, quantize
 from bitscale.kernels.reference import (
     PackedWeight,
@@ -219,8 +224,9 @@ class BipolarLinear(nn.Module):
 
     def _eval_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         config = self.config
-        if resolve_backend(config.backend, x.device) is Backend.REFERENCE:
-            check_linear_inputs(x, self.in_features, self.out_features, bias)
+        backend = resolve_backend(config.backend, x.device)
+        check_linear_inputs(x, self.in_features, self.out_features, bias)
+        if backend is Backend.REFERENCE:
             return dequantized_linear(
                 x.detach(),
                 self._reference_weight(),
@@ -229,13 +235,10 @@ class BipolarLinear(nn.Module):
                 activation_method=config.activation_method,
                 bias=bias,
             )
-        return linear_packed(
-            x.detach(),
-            self.packed_weight(),
-            a_bits=config.a_bits,
-            activation_method=config.activation_method,
-            bias=bias,
-            backend=config.backend,
+        packed = self.packed_weight()
+        check_same_device(x, packed.data.device, bias)
+        return run_packed(
+            x.detach(), packed, config.a_bits, config.activation_method, bias, backend
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

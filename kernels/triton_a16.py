@@ -442,4 +442,4 @@ def bipolar_linear_a16(
         DOT_FP32=INTERPRETED or fp32,
         PRECISION="ieee" if INTERPRETED or fp32 else "tf32",
     )
-    return out.to(x.dtype)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
