@@ -40,10 +40,10 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from .attention_block import TokenDocs, key_ranges, query_ranges
+
 _LOG2E = tl.constexpr(math.log2(math.e))
 _LN2 = tl.constexpr(math.log(2.0))
-_DOC_STRIDE = 2**32
-"""(doc, pos) sorts as the int64 ``doc * 2^32 + pos`` (int32 positions, either sign)."""
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 128
@@ -480,57 +480,6 @@ def _unit_inner_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _sort_keys(doc: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    return doc.to(torch.int64) * _DOC_STRIDE + pos.to(torch.int64)
-
-
-def _key_ranges(
-    q_doc: torch.Tensor,
-    q_pos: torch.Tensor,
-    k_doc: torch.Tensor,
-    k_pos: torch.Tensor,
-    block_m: int,
-    causal: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """int32 ``[start, end)`` of the keys any query of each ``block_m``-query tile can see."""
-    first = torch.arange(0, q_doc.shape[0], block_m, device=q_doc.device)
-    last = torch.clamp(first + block_m, max=q_doc.shape[0]) - 1
-    start = torch.searchsorted(k_doc, q_doc[first], out_int32=True)
-    if causal:
-        end = torch.searchsorted(
-            _sort_keys(k_doc, k_pos),
-            _sort_keys(q_doc[last], q_pos[last]),
-            right=True,
-            out_int32=True,
-        )
-    else:
-        end = torch.searchsorted(k_doc, q_doc[last], right=True, out_int32=True)
-    return start, end
-
-
-def _query_ranges(
-    q_doc: torch.Tensor,
-    q_pos: torch.Tensor,
-    k_doc: torch.Tensor,
-    k_pos: torch.Tensor,
-    block_n: int,
-    causal: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """int32 ``[start, end)`` of the queries that can see any key of each ``block_n``-key
-    tile: from the first query at or after the tile's first key (causal) or the first query
-    of its document (full), to the last query of the tile's last key's document."""
-    first = torch.arange(0, k_doc.shape[0], block_n, device=k_doc.device)
-    last = torch.clamp(first + block_n, max=k_doc.shape[0]) - 1
-    if causal:
-        start = torch.searchsorted(
-            _sort_keys(q_doc, q_pos), _sort_keys(k_doc[first], k_pos[first]), out_int32=True
-        )
-    else:
-        start = torch.searchsorted(q_doc, k_doc[first], out_int32=True)
-    end = torch.searchsorted(q_doc, k_doc[last], right=True, out_int32=True)
-    return start, end
-
-
 def _block_d(dim: int) -> int:
     # tl.dot needs every tile dim >= 16 and tl.arange a power of two: pad with masks.
     return max(16, triton.next_power_of_2(dim))
@@ -566,7 +515,7 @@ def block_forward(
     q, k, v = (_unit_inner_stride(x) for x in (q_THD, k_TGD, v_TGD))
     block_d = _block_d(dim)
     block_m, block_n, warps, stages = _tiles(block_d, q.dtype).forward
-    k_start, k_end = _key_ranges(q_doc, q_pos, k_doc, k_pos, block_m, causal)
+    k_start, k_end = key_ranges(TokenDocs(q_doc, q_pos), TokenDocs(k_doc, k_pos), block_m, causal)
     grid = (triton.cdiv(num_queries, block_m), heads)
     _forward_kernel[grid](
         q,
@@ -661,7 +610,7 @@ def block_backward(
     constants = dict(CAUSAL=causal, HEAD_DIM=dim, BLOCK_D=block_d, PRECISION=_precision(q.dtype))
 
     block_m, block_n, warps, stages = tiles.backward_kv
-    q_start, q_end = _query_ranges(q_doc, q_pos, k_doc, k_pos, block_n, causal)
+    q_start, q_end = query_ranges(TokenDocs(q_doc, q_pos), TokenDocs(k_doc, k_pos), block_n, causal)
     _backward_kv_kernel[(triton.cdiv(num_keys, block_n), kv_heads)](
         q,
         k,
@@ -702,7 +651,7 @@ def block_backward(
     )
 
     block_m, block_n, warps, stages = tiles.backward_q
-    k_start, k_end = _key_ranges(q_doc, q_pos, k_doc, k_pos, block_m, causal)
+    k_start, k_end = key_ranges(TokenDocs(q_doc, q_pos), TokenDocs(k_doc, k_pos), block_m, causal)
     _backward_q_kernel[(triton.cdiv(num_queries, block_m), heads)](
         q,
         k,

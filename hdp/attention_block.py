@@ -12,7 +12,7 @@ with ``pos`` the token's position in its (padded) document. Along each chunk, do
 never decrease and positions strictly increase within a document (packed documents and
 zigzag shards are both laid out that way), so the keys sorted by (doc, pos) are the chunk
 itself, and the keys any tile of queries can see are one contiguous range found by binary
-search (:func:`key_ranges`). Back ends visit only those ranges: no back end materializes a
+search (:func:`key_ranges`, and :func:`query_ranges` for the queries of a key tile). Back ends visit only those ranges: no back end materializes a
 ``[H, Tq, Tk]`` score matrix, so memory is linear in tokens.
 
 ``block_forward`` returns the block's normalized output and its log-sum-exp (float32, or
@@ -48,10 +48,11 @@ __all__ = [
     "compute_dtype",
     "key_ranges",
     "merge_partial",
+    "query_ranges",
 ]
 
-_DOC_SHIFT = 32
-"""(doc, pos) sorts as the int64 doc << 32 | pos (positions stay below 2^31)."""
+_DOC_STRIDE = 2**32
+"""(doc, pos) sorts as the int64 ``doc * 2^32 + pos`` (int32 positions)."""
 
 
 @dataclass(frozen=True)
@@ -93,27 +94,45 @@ class TokenDocs:
 
     def sort_keys(self) -> torch.Tensor:
         """int64 (doc, pos) keys, ascending along T."""
-        return (self.doc.to(torch.int64) << _DOC_SHIFT) | self.pos.to(torch.int64)
+        return self.doc.to(torch.int64) * _DOC_STRIDE + self.pos.to(torch.int64)
 
 
 def key_ranges(
     q_docs: TokenDocs, k_docs: TokenDocs, block_m: int, causal: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each tile of ``block_m`` queries, the range ``[start, end)`` of keys that any of
-    its queries can see (int64 tensors on the chunk's device; computed without a host sync).
+    """For each tile of ``block_m`` queries, the int32 range ``[start, end)`` of the keys any
+    of its queries can see (on the chunk's device, computed without a host sync).
 
     The tile's first query sees nothing before its document's first key; its last query sees
     nothing past its own (doc, pos) (causal) or past its document's last key (full). Queries
     are sorted by (doc, pos) too, so every query of the tile lies between those bounds.
     """
-    keys = k_docs.sort_keys()
-    first = torch.arange(0, len(q_docs), block_m, device=keys.device)
+    first = torch.arange(0, len(q_docs), block_m, device=q_docs.doc.device)
     last = torch.clamp(first + block_m, max=len(q_docs)) - 1
-    start = torch.searchsorted(keys, q_docs.doc[first].to(torch.int64) << _DOC_SHIFT)
+    start = torch.searchsorted(k_docs.doc, q_docs.doc[first], out_int32=True)
     if causal:
-        end = torch.searchsorted(keys, q_docs.sort_keys()[last], right=True)
+        end = torch.searchsorted(
+            k_docs.sort_keys(), q_docs.sort_keys()[last], right=True, out_int32=True
+        )
     else:
-        end = torch.searchsorted(keys, (q_docs.doc[last].to(torch.int64) + 1) << _DOC_SHIFT)
+        end = torch.searchsorted(k_docs.doc, q_docs.doc[last], right=True, out_int32=True)
+    return start, end
+
+
+def query_ranges(
+    q_docs: TokenDocs, k_docs: TokenDocs, block_n: int, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each tile of ``block_n`` keys, the int32 range ``[start, end)`` of the queries that
+    can see any of its keys: from the first query at or after the tile's first key (causal)
+    or the first query of its document (full), to the last query of its last key's document.
+    """
+    first = torch.arange(0, len(k_docs), block_n, device=k_docs.doc.device)
+    last = torch.clamp(first + block_n, max=len(k_docs)) - 1
+    if causal:
+        start = torch.searchsorted(q_docs.sort_keys(), k_docs.sort_keys()[first], out_int32=True)
+    else:
+        start = torch.searchsorted(q_docs.doc, k_docs.doc[first], out_int32=True)
+    end = torch.searchsorted(q_docs.doc, k_docs.doc[last], right=True, out_int32=True)
     return start, end
 
 

@@ -13,6 +13,7 @@ from bitscale.hdp.attention_block import (
     block_forward,
     key_ranges,
     merge_partial,
+    query_ranges,
 )
 
 # float64 blocks differ from the dense oracle only by summation order.
@@ -167,18 +168,27 @@ def test_low_precision_inputs_compute_in_float32(tiles, dtype: torch.dtype) -> N
     _check_block(q, k, v, docs, docs, True, tolerance=1e-5)
 
 
-def test_key_ranges_hold_every_visible_key() -> None:
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_ranges_hold_every_visible_pair(causal: bool) -> None:
     q_docs, k_docs = _layout([5, 17, 3, 40]), _layout([9, 12, 30, 14])
-    for causal in (True, False):
-        visible = _visible(q_docs, k_docs, causal)
-        starts, ends = key_ranges(q_docs, k_docs, 8, causal)
-        for tile, (start, end) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
-            columns = visible[8 * tile : 8 * tile + 8].any(dim=0).nonzero().flatten()
-            if len(columns):
-                assert start <= columns.min() and columns.max() < end
-        # Ranges are tight at their ends: the last query of a tile sees the range's last key.
-        last_queries = torch.clamp(torch.arange(8, 73, 8), max=65) - 1
-        assert visible[last_queries, ends - 1].all()
+    visible = _visible(q_docs, k_docs, causal)
+    starts, ends = key_ranges(q_docs, k_docs, 8, causal)
+    assert starts.dtype == ends.dtype == torch.int32
+    for tile, (start, end) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+        columns = visible[8 * tile : 8 * tile + 8].any(dim=0).nonzero().flatten()
+        assert len(columns) == 0 or (start <= columns.min() and columns.max() < end)
+    # Tight at the end: each tile's last query sees its range's last key.
+    last_queries = torch.clamp(torch.arange(8, 73, 8), max=65) - 1
+    assert visible[last_queries, ends - 1].all()
+    starts, ends = query_ranges(q_docs, k_docs, 16, causal)
+    for tile, (start, end) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+        rows = visible[:, 16 * tile : 16 * tile + 16].any(dim=1).nonzero().flatten()
+        assert len(rows) == 0 or (start <= rows.min() and rows.max() < end)
+    # Tight at the start: a key tile's first key, if anyone sees it, is seen by the range's
+    # first query.
+    first_keys = torch.arange(0, 65, 16)
+    seen = visible[:, first_keys].any(dim=0)
+    assert seen.sum() >= 3 and visible[starts[seen], first_keys[seen]].all()
 
 
 def test_bad_blocks_are_refused_with_the_reason() -> None:
