@@ -13,7 +13,9 @@ Weights take 1..8 bits, activations 1..8 bits or stay float (``a_bits=16``).
 - :func:`bipolar_mm_int`: the exact int64 product of codes, the contract every
   backend meets; :func:`bipolar_linear`: float in, float out.
 - :class:`BipolarLinear` and :func:`quantize_model`: drop-in nn.Linear
-  replacement (packed kernels in eval, straight-through QAT in training).
+  replacement (packed kernels in eval, straight-through QAT in training);
+  :func:`reuse_quantized_weights` quantizes each weight once per optimizer step
+  instead of once per micro-batch.
 - :class:`Backend`: AUTO (compiled Triton on CUDA, the Triton interpreter with
   ``TRITON_INTERPRET=1``, else the exact torch reference), TRITON,
   TRITON_BITPLANE (the paper's bit-serial decomposition, ``bipolar_mm_int``
@@ -35,7 +37,7 @@ from bitscale.kernels.format import (
     quantize,
     unpack_bitplanes,
 )
-from bitscale.kernels.linear import BipolarLinear, quantize_model
+from bitscale.kernels.linear import BipolarLinear, quantize_model, reuse_quantized_weights
 
 __all__ = [
     "Backend",
@@ -53,5 +55,6 @@ __all__ = [
     "pack_bitplanes",
     "quantize",
     "quantize_model",
+    "reuse_quantized_weights",
     "unpack_bitplanes",
 ]

@@ -37,6 +37,7 @@ __all__ = [
 # evaluations with a 1/128 resolution cost half of a flat 1/64 grid.
 _COARSE_CLIP_COUNT = 16
 _FINE_CLIP_COUNT = 14  # the best coarse ratio, then +-1/128 .. +-7/128 around it
+_CLIP_SEARCH_ELEMENTS = 1 << 24
 
 
 def _clip_candidates(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,14 +273,16 @@ def _choose_scales(x: torch.Tensor, bits: int, method: QuantMethod) -> torch.Ten
     absmax = x.abs().amax(-1, keepdim=True)
     if method is QuantMethod.ABSMAX:
         return absmax / top
-    # Rows are searched in slices of <= 2^18 candidate-elements (1 MiB of
-    # float32 per temporary; one row at a time past 2^14 elements a row), so memory
-    # stays bounded for any weight while small tensors (QAT layers) take two
-    # broadcast passes instead of 31.
+    # Rows are searched in slices of <= 2^24 candidate-elements (64 MiB of float32
+    # per temporary; one row at a time past 2^20 elements a row), so memory stays
+    # bounded for any weight (an 8192 x 28672 one would need 29 GiB at once) while
+    # each pass is a few large ops: a 4096 x 4096 weight takes 4 slices, where 2^18
+    # took 1,024 (about 20 kernel launches each on a GPU, per QAT forward: the
+    # 15-19 s QAT steps measured on an H200).
     rows_x = x.reshape(-1, x.shape[-1])
     rows_absmax = absmax.reshape(-1, 1)
     count = max(_COARSE_CLIP_COUNT, _FINE_CLIP_COUNT + 1)
-    step = max(1, (1 << 18) // (count * max(1, x.shape[-1])))
+    step = max(1, _CLIP_SEARCH_ELEMENTS // (count * max(1, x.shape[-1])))
     coarse, steps = (candidates.view(-1, 1, 1) for candidates in _clip_candidates(x.device))
     ratios = []
     for start in range(0, rows_x.shape[0], step):

@@ -19,7 +19,9 @@ torch.compile (which cannot guard on the counter), any in-place change in eval m
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from bitscale.kernels.config import (
@@ -46,7 +48,33 @@ from bitscale.kernels.reference import (
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["BipolarLinear", "quantize_model"]
+__all__ = ["BipolarLinear", "quantize_model", "reuse_quantized_weights"]
+
+# Per block of reuse_quantized_weights: id(layer) -> (the weight tensor, its version counter,
+# its fake-quantized values).
+_REUSED_WEIGHTS: ContextVar[dict[int, tuple[torch.Tensor, int, torch.Tensor]] | None] = ContextVar(
+    "bitscale_reused_quantized_weights", default=None
+)
+
+
+@contextmanager
+def reuse_quantized_weights() -> Iterator[None]:
+    """Inside the block, each training :class:`BipolarLinear` fake-quantizes its weight once
+    and reuses the result in later forwards: wrap the forwards/backwards of one optimizer
+    step (gradient accumulation, HDP micro-batches), where weights do not change.
+
+    The weight quantizer (the MSE clip-ratio search: 31 scored scales per row) then runs once
+    per layer and step instead of once per micro-batch. Results are bitwise those of
+    quantizing in every forward. A weight changed in place inside the block (its version
+    counter moves) is quantized again; step the optimizer outside the block anyway: a weight
+    rewritten without a version bump (an FSDP2 re-gather) would not be seen. Forwards under
+    ``torch.compile`` quantize in every call.
+    """
+    token = _REUSED_WEIGHTS.set({})
+    try:
+        yield
+    finally:
+        _REUSED_WEIGHTS.reset(token)
 
 
 class BipolarLinear(nn.Module):
@@ -249,14 +277,26 @@ class BipolarLinear(nn.Module):
             if torch.is_grad_enabled() and needs_grad:
                 return _FrozenWeightLinear.apply(x, bias, self)
             return self._eval_forward(x, None if bias is None else bias.detach())
-        weight = _straight_through(
-            self.weight, fake_quantize(self.weight, config.w_bits, config.group_size, config.method)
-        )
+        weight = _straight_through(self.weight, self._fake_quantized_weight())
         if config.a_bits != FLOAT_ACTIVATION_BITS:
             x = _straight_through(
                 x, fake_quantize(x, config.a_bits, config.group_size, config.activation_method)
             )
         return F.linear(x, weight.to(x.dtype), self.bias)
+
+    def _fake_quantized_weight(self) -> torch.Tensor:
+        config = self.config
+        # A compiled graph cannot hold host state between calls: it quantizes every time.
+        reused = None if torch.compiler.is_compiling() else _REUSED_WEIGHTS.get()
+        weight = self.weight
+        if reused is not None:
+            held = reused.get(id(self))
+            if held is not None and held[0] is weight and held[1] == weight._version:
+                return held[2]
+        quantized = fake_quantize(weight, config.w_bits, config.group_size, config.method)
+        if reused is not None:
+            reused[id(self)] = (weight, weight._version, quantized)
+        return quantized
 
     def extra_repr(self) -> str:
         c = self.config

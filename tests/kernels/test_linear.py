@@ -307,3 +307,68 @@ def test_eval_repacks_weights_changed_behind_the_version_counter(backend: str) -
         expected.bias.copy_(layer.bias)
         after = layer.eval()(x)
         assert torch.equal(after, expected.eval()(x)) and not torch.equal(after, before)
+
+
+def _count_clip_searches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list whose length counts the weight quantizer's scored-candidate passes."""
+    from bitscale.kernels import format as quant_format
+
+    calls: list[int] = []
+    search = quant_format._search_clip
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(quant_format, "_search_clip", counted)
+    return calls
+
+
+def _qat_micro_batches(layer: BipolarLinear, micro_batches: int) -> dict[str, torch.Tensor]:
+    layer.zero_grad(set_to_none=True)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(micro_batches):
+        layer(torch.randn(7, 2048, generator=gen)).square().sum().backward()
+    return {n: p.grad.clone() for n, p in layer.named_parameters()}
+
+
+def test_reused_quantized_weights_search_once_per_step_and_change_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The QAT step's weight quantizer: two scored passes (coarse, fine) per layer and step,
+    whatever the number of micro-batches; not one per row or per micro-batch."""
+    from bitscale.kernels import reuse_quantized_weights
+
+    layer = BipolarLinear.from_linear(_linear(2048, 512, seed=3), w_bits=4, a_bits=8)
+    calls = _count_clip_searches(monkeypatch)
+    plain = _qat_micro_batches(layer, 3)
+    assert len(calls) == 3 * 2  # 512 rows of 2048 fit one slice: no loop over rows
+    calls.clear()
+    with reuse_quantized_weights():
+        reused = _qat_micro_batches(layer, 3)
+        assert len(calls) == 2
+        with torch.no_grad():
+            layer.weight.mul_(0.5)  # an in-place change inside the block is seen
+        _qat_micro_batches(layer, 1)
+        assert len(calls) == 4
+    assert all(torch.equal(reused[n], plain[n]) for n in plain)
+    calls.clear()
+    _qat_micro_batches(layer, 1)  # outside the block nothing is kept
+    assert len(calls) == 2
+
+
+@pytest.mark.gpu
+def test_gpu_qat_forward_and_backward_never_sync_with_the_host() -> None:
+    from bitscale.kernels import reuse_quantized_weights
+
+    layer = BipolarLinear.from_linear(_linear(1024, 512, seed=4), w_bits=4, a_bits=8).cuda()
+    x = torch.randn(64, 1024, device="cuda")
+    layer(x).sum().backward()  # first call: lazy initializations may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with reuse_quantized_weights():
+            for _ in range(2):
+                layer(x).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
