@@ -45,6 +45,7 @@ __all__ = [
     "TokenDocs",
     "block_backward",
     "block_forward",
+    "check_heads",
     "compute_dtype",
     "key_ranges",
     "merge_partial",
@@ -136,6 +137,15 @@ def query_ranges(
     return start, end
 
 
+def check_heads(q_THD: torch.Tensor, k_TGD: torch.Tensor) -> None:
+    """Query heads in whole groups per K/V head (GQA), one head dim."""
+    if q_THD.shape[2] != k_TGD.shape[2] or q_THD.shape[1] % k_TGD.shape[1] != 0:
+        raise ValueError(
+            "q heads must be a multiple of k/v heads (GQA) with equal head dims; got "
+            f"q {tuple(q_THD.shape)}, k {tuple(k_TGD.shape)}"
+        )
+
+
 def _check_block(
     q_THD: torch.Tensor,
     k_TGD: torch.Tensor,
@@ -148,11 +158,7 @@ def _check_block(
             "an attention block takes q [Tq, H, D] and k, v [Tk, G, D]; got "
             f"q {tuple(q_THD.shape)}, k {tuple(k_TGD.shape)}, v {tuple(v_TGD.shape)}"
         )
-    if q_THD.shape[2] != k_TGD.shape[2] or q_THD.shape[1] % k_TGD.shape[1] != 0:
-        raise ValueError(
-            "q heads must be a multiple of k/v heads (GQA) with equal head dims; got "
-            f"q {tuple(q_THD.shape)}, k {tuple(k_TGD.shape)}"
-        )
+    check_heads(q_THD, k_TGD)
     if len(q_docs) != q_THD.shape[0] or len(k_docs) != k_TGD.shape[0]:
         raise ValueError(
             f"the token documents cover {len(q_docs)} queries and {len(k_docs)} keys, but q has "

@@ -39,6 +39,7 @@ from .attention_block import (
     TokenDocs,
     block_backward,
     block_forward,
+    check_heads,
     compute_dtype,
     merge_partial,
 )
@@ -69,11 +70,7 @@ def _check_shapes(q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor)
             "k and v must have the same shape and as many tokens as q; got "
             f"q {tuple(q_THD.shape)}, k {tuple(k_TGD.shape)}, v {tuple(v_TGD.shape)}"
         )
-    if q_THD.shape[2] != k_TGD.shape[2] or q_THD.shape[1] % k_TGD.shape[1] != 0:
-        raise ValueError(
-            "q heads must be a multiple of k/v heads (GQA) with equal head dims; got "
-            f"q {tuple(q_THD.shape)}, k {tuple(k_TGD.shape)}"
-        )
+    check_heads(q_THD, k_TGD)
 
 
 def _scale(head_dim: int, scale: float | None) -> float:
