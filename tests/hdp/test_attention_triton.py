@@ -53,7 +53,7 @@ def kernels(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 
     if not (isinstance(tl.max, InterpretedFunction) and _attention_triton._interpreted()):
         pytest.fail(
-            "triton was imported without TRITON_INTERPRET=1 before tests/hdp/conftest.py, so "
+            "triton was imported without TRITON_INTERPRET=1 before tests/conftest.py, so "
             "the interpreter cannot run the kernels; run with TRITON_INTERPRET=1 set"
         )
     return _attention_triton

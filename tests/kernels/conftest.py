@@ -1,36 +1,27 @@
 """Shared fixtures for the kernels tests.
 
-Without CUDA, the Triton kernels run in the interpreter. ``TRITON_INTERPRET``
-is read whenever triton decorates a function: when ``triton.language`` is
-imported (its own @jit helpers such as ``tl.max``) and when dispatch first
-imports ``bitscale.kernels.triton_*`` (lazily, inside a kernels test). So
-triton is imported here, at collection, with the variable set, and an autouse
-fixture sets it for each kernels test; between those it is restored, so tests
-of other areas in the same pytest run keep AUTO = the torch reference on CPU.
+Without CUDA, the Triton kernels run in the interpreter: tests/conftest.py imports
+``triton.language`` at collection with ``TRITON_INTERPRET=1``, and an autouse fixture here
+sets the variable for each kernels test (dispatch reads it when it first imports
+``bitscale.kernels.triton_*``, lazily, inside a kernels test); between those it is
+restored, so tests of other areas in the same pytest run keep AUTO = the torch reference.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 
 if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
-    _previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
     import triton.language
     from triton.runtime.interpreter import InterpretedFunction
 
-    if _previous is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _previous
     if not isinstance(triton.language.max, InterpretedFunction):
         raise RuntimeError(
-            "triton was imported before tests/kernels/conftest.py without TRITON_INTERPRET=1, "
+            "triton was imported before tests/conftest.py without TRITON_INTERPRET=1, "
             "so the interpreter cannot run its kernels; run with TRITON_INTERPRET=1 set"
         )
 
