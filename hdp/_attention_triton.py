@@ -135,9 +135,7 @@ def _forward_kernel(
 
     seen = row_sum > 0.0
     out = acc / tl.where(seen, row_sum, 1.0)[:, None]
-    lse = tl.where(
-        seen, (row_max + tl.log2(tl.where(seen, row_sum, 1.0))) * 0.6931471805599453, float("-inf")
-    )
+    lse = tl.where(seen, (row_max + tl.log2(tl.where(seen, row_sum, 1.0))) * _LN2, float("-inf"))
     tl.store(
         out_ptr + rows64[:, None] * stride_ot + head * stride_oh + dims[None, :],
         out,
