@@ -26,9 +26,9 @@
 
 from __future__ import annotations
 
-from bitscale.checkpoint.engine import (
+from bitscale.checkpoint.engine import Checkpointer
+from bitscale.checkpoint.errors import (
     CheckpointDamagedWarning,
-    Checkpointer,
     CheckpointSaveError,
     StateMutatedError,
 )

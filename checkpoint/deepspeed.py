@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bitscale.checkpoint.engine import CheckpointSaveError, StateMutatedError
+from bitscale.checkpoint.errors import CheckpointSaveError, StateMutatedError
 from bitscale.checkpoint.format import decode_skeleton, encode_skeleton, safetensors_header
 from bitscale.checkpoint.staging import (
     HostBufferPool,

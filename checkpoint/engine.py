@@ -27,55 +27,40 @@ installs, and only for the copies of the tensors that step will change.
 from __future__ import annotations
 
 import atexit
-import base64
-import dataclasses
 import hashlib
 import logging
-import math
 import queue
-import random
 import threading
 import warnings
 import weakref
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from bitscale.checkpoint.disk import DiskTier
+from bitscale.checkpoint.errors import (
+    CheckpointDamagedWarning,
+    CheckpointSaveError,
+    StateMutatedError,
+)
 from bitscale.checkpoint.format import (
     MANIFEST_NAME,
-    ChunkRecord,
-    EntryKind,
     FileRecord,
-    Manifest,
     RankRecord,
-    TensorRecord,
-    data_file_name,
-    decode_skeleton,
-    dtype_name,
-    encode_skeleton,
-    read_tensor,
-    safetensors_header,
-    skeleton_tensor_names,
-    step_dir_name,
-    validate_manifest,
 )
-from bitscale.checkpoint.layout import (
-    check_against,
-    flatten_state,
-    has_layout,
-    load_shard,
-    memory_key,
-    module_param_names,
-    needs_universal_path,
-    optimizer_param_names,
-    owned_chunks,
-    shard_of,
+from bitscale.checkpoint.load import restore_state
+from bitscale.checkpoint.merge import merge_parts, rank_part
+from bitscale.checkpoint.plan import (
+    FilePlan,
+    SavePlan,
+    Shard,
+    optimizer_tensor_keys,
+    plan_save,
 )
-from bitscale.checkpoint.reshard import Box, ChunkReader
+from bitscale.checkpoint.rng import capture_rng, restore_rng
 from bitscale.checkpoint.staging import (
     HostBufferPool,
     PoolSlot,
@@ -84,81 +69,36 @@ from bitscale.checkpoint.staging import (
     max_piece_bytes,
 )
 from bitscale.checkpoint.storage import (
-    CheckpointCorruptError,
     LocalStorage,
     Storage,
     VerifyMode,
     apply_retention,
     clean_leftovers,
     commit_step,
-    find_problems,
     latest_step,
     list_steps,
     new_token,
     temp_dir_name,
     verify,
 )
-from torch import nn
 
-__all__ = [
-    "CheckpointDamagedWarning",
-    "CheckpointSaveError",
-    "Checkpointer",
-    "StateMutatedError",
-]
+__all__ = ["Checkpointer"]
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointSaveError(RuntimeError):
-    """A background save failed; the step was not committed and earlier steps are intact."""
-
-
-class StateMutatedError(CheckpointSaveError):
-    """A tensor changed in place before its checkpoint copy finished."""
-
-
-class CheckpointDamagedWarning(UserWarning):
-    """The newest committed step failed verification; an older one is loaded instead."""
-
-
-# ----------------------------------------------------------------------------- plan
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's values of ``tensor``: a DTensor's local shard, else the tensor itself."""
-    return tensor.to_local() if hasattr(tensor, "device_mesh") else tensor
-
-
-def _tensor_key(tensor: torch.Tensor) -> tuple[str, int]:
-    """Identity of a tensor's memory, shared by a parameter and its detached aliases
-    (for a DTensor, the memory of its local shard)."""
-    local = _local(tensor)
-    return (str(local.device), local.data_ptr())
-
-
 @dataclass(eq=False)
-class _Item:
-    """One chunk this rank writes: a whole tensor, or its part of a sharded one."""
+class _Copy:
+    """The lazy copy of one planned chunk into the host pool."""
 
-    name: str
-    """The chunk's safetensors key."""
-    source: torch.Tensor
-    guard: torch.Tensor | None
-    """The live tensor whose ``_version`` must not move before the copy ends (None: a clone)."""
-    version: int
-    key: tuple[str, int]
-    nbytes: int
+    shard: Shard
     copied: threading.Event = field(default_factory=threading.Event)
     cuda_event: Any = None
 
 
 @dataclass(eq=False)
 class _FileJob:
-    name: str
-    items: list[_Item]
-    header: bytes = b""
-    size: int = 0
+    plan: FilePlan
     writer: Any = None
     hasher: Any = None
     written: int = 0
@@ -166,23 +106,12 @@ class _FileJob:
 
 
 @dataclass(eq=False)
-class _TensorSpec:
-    """One logical tensor as this rank saw it, with the chunks this rank writes."""
-
-    dtype: str
-    global_shape: tuple[int, ...]
-    layout: dict[str, Any] | None
-    chunks: list[tuple[str, tuple[int, ...], tuple[int, ...]]]
-    """``(safetensors key, offsets, shape)`` of each chunk this rank writes."""
-
-
-@dataclass(eq=False)
 class _SaveJob:
     step: int
     tmp_dir: Path
+    plan: SavePlan | None
     files: list[_FileJob]
-    copy_order: list[_Item]
-    tensors: dict[str, _TensorSpec]
+    copy_order: list[_Copy]
     record: RankRecord
     on_error: Callable[[CheckpointSaveError], None]
     save_event: Any = None
@@ -215,162 +144,6 @@ class _SaveJob:
         with self.lock:
             self.files_left -= 1
             return self.files_left == 0
-
-
-class _Registry:
-    """Names, dedups and classifies the tensors of one save.
-
-    Each tensor is split into the chunks this rank owns by its :class:`RankLayout`
-    (:func:`~bitscale.checkpoint.layout.shard_of`): a DTensor's placements, an
-    :func:`~bitscale.checkpoint.layout.annotate` d layout, or else replicated with
-    rank 0 writing. A tensor met twice (tied weights) is stored once.
-    """
-
-    def __init__(self, rank: int, lazy_keys: set[tuple[str, int]]) -> None:
-        self.rank = rank
-        self.lazy_keys = lazy_keys
-        self.tensors: dict[str, _TensorSpec] = {}
-        self.items: list[_Item] = []
-        self._by_memory: dict[tuple, str] = {}
-        self._layouts: dict[str, Any] = {}
-        self._aliases: dict[str, list[str]] = {}
-
-    def _name(self, path: tuple[str, ...]) -> str:
-        name = "/".join(path)
-        if name in self.tensors:
-            raise ValueError(
-                f"two tensors of the state would both be stored as {name!r}; rename a key"
-            )
-        return name
-
-    def tensor(
-        self, path: tuple[str, ...], tensor: torch.Tensor, *, lazy: bool | None = None
-    ) -> str:
-        local = _local(tensor)
-        if type(local) is not torch.Tensor and not isinstance(local, nn.Parameter):
-            raise TypeError(
-                f"cannot checkpoint a {type(tensor).__qualname__} at {'/'.join(path)!r}: save "
-                "plain tensors or DTensors, and annotate() a rank's part of any other sharded "
-                "tensor with its RankLayout"
-            )
-        if local.device.type == "meta":
-            raise TypeError(f"tensor at {'/'.join(path)!r} is on the meta device: it has no data")
-        memory = memory_key(local)
-        if local.numel() and memory in self._by_memory:
-            name = self._by_memory[memory]
-            self._aliases.setdefault(name, []).append("/".join(path))
-            return name
-        name = self._name(path)
-        if local.numel():
-            self._by_memory[memory] = name
-        if lazy is None:
-            lazy = _tensor_key(tensor) in self.lazy_keys
-        detached = local.detach()
-        shard = shard_of(tensor, rank=self.rank)
-        if has_layout(tensor):
-            try:
-                chunks = owned_chunks(name, detached, shard)
-            except ValueError as error:
-                raise ValueError(f"cannot save {name!r}: {error}") from None
-        else:
-            # Replicated: rank 0 writes it whole, under its own name, in any memory order.
-            whole = Box.whole(tuple(local.shape))
-            chunks = [(name, whole, detached)] if self.rank == 0 else []
-        self._layouts[name] = shard.layout
-        spec = _TensorSpec(
-            dtype=dtype_name(local.dtype), global_shape=shard.layout.shape, layout=None, chunks=[]
-        )
-        self.tensors[name] = spec
-        for key, box, values in chunks:
-            spec.chunks.append((key, box.offsets, box.shape))
-            self.items.append(
-                _Item(
-                    name=key,
-                    # A clone is ours: nothing else changes it, so it needs no guard.
-                    source=values if lazy else values.clone(),
-                    guard=values if lazy else None,
-                    version=values._version,
-                    key=_tensor_key(tensor),
-                    nbytes=values.numel() * values.element_size(),
-                )
-            )
-        return name
-
-    def finish(self) -> None:
-        """Record each tensor's layout, with the other names it was met under."""
-        for name, spec in self.tensors.items():
-            layout = self._layouts[name]
-            aliases = tuple(self._aliases.get(name, ()))
-            if aliases:
-                layout = dataclasses.replace(layout, tied_aliases=aliases)
-            spec.layout = layout.to_json()
-
-
-def _optimizer_by_name(
-    optimizer: torch.optim.Optimizer, module_names: Mapping[int, str]
-) -> dict[str, Any]:
-    """``optimizer.state_dict()`` with parameter ids replaced by parameter names."""
-    state_dict = optimizer.state_dict()
-    names = optimizer_param_names(optimizer, module_names)
-    id_to_name: dict[int, str] = {}
-    groups = []
-    for group_names, group in zip(names, state_dict["param_groups"], strict=True):
-        for name, param_id in zip(group_names, group["params"], strict=True):
-            id_to_name[param_id] = name
-        groups.append({**group, "params": list(group_names)})
-    return {
-        "state": {id_to_name[i]: s for i, s in state_dict["state"].items()},
-        "param_groups": groups,
-    }
-
-
-def _optimizer_tensor_keys(optimizer: torch.optim.Optimizer) -> set[tuple[str, int]]:
-    keys = {_tensor_key(p) for group in optimizer.param_groups for p in group["params"]}
-    for param_state in optimizer.state.values():
-        keys.update(_tensor_key(v) for v in param_state.values() if isinstance(v, torch.Tensor))
-    return keys
-
-
-# ----------------------------------------------------------------------------- RNG
-
-
-def _capture_rng() -> dict[str, Any]:
-    version, mt_state, gauss = random.getstate()
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    rng: dict[str, Any] = {
-        "python": [version, list(mt_state), gauss],
-        "numpy": [np_kind, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
-        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = [
-            base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()
-        ]
-    return rng
-
-
-def _bytes_tensor(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
-
-
-def _restore_rng(rng: Mapping[str, Any]) -> None:
-    version, mt_state, gauss = rng["python"]
-    random.setstate((version, tuple(mt_state), gauss))
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = rng["numpy"]
-    np.random.set_state(
-        (np_kind, np.array(np_keys, dtype=np.uint32), np_pos, np_has_gauss, np_gauss)
-    )
-    torch.set_rng_state(_bytes_tensor(rng["torch"]))
-    if "cuda" in rng and torch.cuda.is_available():
-        states = [_bytes_tensor(s) for s in rng["cuda"]]
-        if len(states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states)
-        else:
-            warnings.warn(
-                f"checkpoint holds CUDA RNG states of {len(states)} devices, this process sees "
-                f"{torch.cuda.device_count()}: CUDA RNG states not restored",
-                stacklevel=3,
-            )
 
 
 # ----------------------------------------------------------------------------- checkpointer
@@ -445,6 +218,7 @@ class Checkpointer:
             choices = ", ".join(repr(m.value) for m in VerifyMode)
             raise ValueError(f"verify must be one of {choices}, got {verify!r}") from None
         self.root = Path(root)
+        self._disk = DiskTier(self.root)
         self.keep = keep
         self._storage: Storage = storage or LocalStorage()
         self._host_buffer_bytes = host_buffer_bytes
@@ -602,9 +376,9 @@ class Checkpointer:
         job = _SaveJob(
             step=number,
             tmp_dir=self._next_tmp_dir(number),
+            plan=None,
             files=[],
             copy_order=[],
-            tensors={},
             record=RankRecord(rank=self.rank, entries={}),
             # The caller gets the error raised; it is not pending a second time.
             on_error=lambda _: None,
@@ -615,83 +389,21 @@ class Checkpointer:
         self._commit_queue.put(job)
 
     def _plan(self, step: int, state: Mapping[str, Any]) -> _SaveJob:
-        module_names = module_param_names(state)
-        lazy_keys = {
-            _tensor_key(param)
-            for obj in state.values()
-            if isinstance(obj, nn.Module)
-            for param in obj.parameters()
-        }
-        for obj in state.values():
-            if isinstance(obj, torch.optim.Optimizer):
-                lazy_keys |= _optimizer_tensor_keys(obj)
-        registry = _Registry(self.rank, lazy_keys)
-        entries: dict[str, dict[str, Any]] = {}
-        for name, obj in state.items():
-            if not isinstance(name, str) or not name or "/" in name:
-                raise ValueError(f"state keys must be non-empty strings without '/', got {name!r}")
-            if isinstance(obj, nn.Module):
-                kind, value = EntryKind.MODULE, obj.state_dict()
-            elif isinstance(obj, torch.optim.Optimizer):
-                kind, value = EntryKind.OPTIMIZER, _optimizer_by_name(obj, module_names)
-            elif isinstance(obj, torch.Tensor):
-                # A loose tensor may change in the next forward pass: snapshot it now
-                # (only the chunks this rank owns of a sharded one).
-                ref = registry.tensor((name,), obj, lazy=False)
-                entries[name] = {"kind": EntryKind.TENSOR.value, "value": {"$tensor": ref}}
-                continue
-            elif callable(getattr(obj, "state_dict", None)) and callable(
-                getattr(obj, "load_state_dict", None)
-            ):
-                kind, value = EntryKind.STATEFUL, obj.state_dict()
-            else:
-                kind, value = EntryKind.OBJECT, obj
-            skeleton = encode_skeleton(value, registry.tensor, (name,))
-            entries[name] = {"kind": kind.value, "value": skeleton}
-
-        registry.finish()
-        files = self._assign_files(registry.items)
-        for file_job in files:
-            prefix, spans = safetensors_header(
-                [(i.name, i.source.dtype, tuple(i.source.shape)) for i in file_job.items],
-                {"format": "pt", "step": str(step), "rank": str(self.rank)},
-            )
-            file_job.header = prefix
-            file_job.size = len(prefix) + (spans[-1][1] if spans else 0)
-        longest = max((len(f.items) for f in files), default=0)
-        copy_order = [f.items[i] for i in range(longest) for f in files if i < len(f.items)]
+        plan = plan_save(step, state, rank=self.rank, num_files=self._num_writers)
         job = _SaveJob(
             step=step,
             tmp_dir=self._next_tmp_dir(step),
-            files=files,
-            copy_order=copy_order,
-            tensors=registry.tensors,
-            record=RankRecord(rank=self.rank, entries=entries, rng=_capture_rng()),
+            plan=plan,
+            files=[_FileJob(plan=f) for f in plan.files],
+            copy_order=[_Copy(shard) for shard in plan.copy_order],
+            record=RankRecord(rank=self.rank, entries=plan.entries, rng=capture_rng()),
             on_error=self._push_error,
-            files_left=len(files),
+            files_left=len(plan.files),
         )
-        if any(item.source.is_cuda for item in copy_order):
+        if any(shard.source.is_cuda for shard in plan.copy_order):
             job.save_event = torch.cuda.Event()
             job.save_event.record()
         return job
-
-    def _assign_files(self, items: list[_Item]) -> list[_FileJob]:
-        """Spread tensors over ``writer_threads`` files, balancing bytes (largest first)."""
-        loads = [0] * self._num_writers
-        buckets: list[list[_Item]] = [[] for _ in range(self._num_writers)]
-        for item in sorted(items, key=lambda i: -i.nbytes):
-            target = loads.index(min(loads))
-            buckets[target].append(item)
-            loads[target] += item.nbytes
-        order = {id(item): n for n, item in enumerate(items)}
-        return [
-            _FileJob(
-                name=data_file_name(self.rank, index),
-                items=sorted(bucket, key=lambda i: order[id(i)]),
-            )
-            for index, bucket in enumerate(buckets)
-            if bucket
-        ]
 
     # ------------------------------------------------------------------ stager
 
@@ -709,16 +421,16 @@ class Checkpointer:
 
     def _stage(self, job: _SaveJob) -> None:
         try:
-            pool = self._ensure_pool(sum(item.nbytes for item in job.copy_order))
+            pool = self._ensure_pool(sum(c.shard.nbytes for c in job.copy_order))
         except BaseException as error:
             job.fail(error)
         if job.failed or not job.files:
-            for item in job.copy_order:
-                item.copied.set()
+            for copy in job.copy_order:
+                copy.copied.set()
             self._commit_queue.put(job)
             return
         piece_bytes = max_piece_bytes(pool.capacity)
-        file_of = {id(item): n for n, f in enumerate(job.files) for item in f.items}
+        file_of = {id(shard): n for n, f in enumerate(job.files) for shard in f.plan.shards}
         for n, file_job in enumerate(job.files):
             self._writer_queues[n].put(("open", job, file_job))
         use_cuda = job.save_event is not None
@@ -726,7 +438,8 @@ class Checkpointer:
             self._copy_stream = torch.cuda.Stream()
         if use_cuda:
             self._copy_stream.wait_event(job.save_event)
-        for item in job.copy_order:
+        for copy in job.copy_order:
+            item = copy.shard
             writer_queue = self._writer_queues[file_of[id(item)]]
             try:
                 if job.failed:
@@ -744,13 +457,13 @@ class Checkpointer:
                             event.record(self._copy_stream)
                     else:
                         slot.buffer.copy_(flat[start:stop])
-                    item.cuda_event = event
+                    copy.cuda_event = event
                     writer_queue.put(("piece", job, job.files[file_of[id(item)]], slot, event))
-                if item.cuda_event is not None and item.guard is not None:
+                if copy.cuda_event is not None and item.guard is not None:
                     # A change issued on another stream may run concurrently with the
                     # copy; only a change issued after the copy ended is harmless. So the
                     # version is read once the copy is done (a change racing it raises).
-                    item.cuda_event.synchronize()
+                    copy.cuda_event.synchronize()
                 if item.guard is not None and item.guard._version != item.version:
                     job.fail(
                         StateMutatedError(
@@ -764,7 +477,7 @@ class Checkpointer:
             except BaseException as error:
                 job.fail(error)
             finally:
-                item.copied.set()
+                copy.copied.set()
         for n, file_job in enumerate(job.files):
             self._writer_queues[n].put(("close", job, file_job))
 
@@ -785,10 +498,10 @@ class Checkpointer:
             return
         try:
             self._storage.makedirs(job.tmp_dir)
-            file_job.writer = self._storage.open_writer(job.tmp_dir / file_job.name)
-            file_job.hasher = hashlib.sha256(file_job.header)
-            file_job.writer.write(memoryview(file_job.header))
-            file_job.written = len(file_job.header)
+            file_job.writer = self._storage.open_writer(job.tmp_dir / file_job.plan.name)
+            file_job.hasher = hashlib.sha256(file_job.plan.header)
+            file_job.writer.write(memoryview(file_job.plan.header))
+            file_job.written = len(file_job.plan.header)
         except BaseException as error:
             self._abort_file(file_job)
             job.fail(error, self._write_error_message(job, file_job, error))
@@ -813,7 +526,10 @@ class Checkpointer:
     def _close_file(self, job: _SaveJob, file_job: _FileJob) -> None:
         try:
             if file_job.writer is not None and not job.failed:
-                assert file_job.written == file_job.size, (file_job.written, file_job.size)
+                assert file_job.written == file_job.plan.size, (
+                    file_job.written,
+                    file_job.plan.size,
+                )
                 file_job.writer.close()
                 file_job.writer = None
                 file_job.sha256 = file_job.hasher.hexdigest()
@@ -834,7 +550,7 @@ class Checkpointer:
 
     def _write_error_message(self, job: _SaveJob, file_job: _FileJob, error: BaseException) -> str:
         return (
-            f"saving step {job.step} failed writing {file_job.name} under {self.root}: {error}. "
+            f"saving step {job.step} failed writing {file_job.plan.name} under {self.root}: {error}. "
             f"The step was not committed; committed steps are intact "
             f"(newest: {latest_step(self.root)})"
         )
@@ -850,20 +566,14 @@ class Checkpointer:
             finally:
                 job.copy_order.clear()
                 for file_job in job.files:
-                    file_job.items.clear()
+                    file_job.plan.shards.clear()
                 with self._lock:
                     self._inflight.remove(job)
                 job.durable.set()
 
     def _part(self, job: _SaveJob) -> dict[str, Any]:
-        return {
-            "rank": self.rank,
-            "error": None if job.error is None else str(job.error),
-            "files": [FileRecord(name=f.name, size=f.size, sha256=f.sha256) for f in job.files],
-            "file_of": {item.name: f.name for f in job.files for item in f.items},
-            "tensors": job.tensors,
-            "record": job.record,
-        }
+        files = [FileRecord(name=f.plan.name, size=f.plan.size, sha256=f.sha256) for f in job.files]
+        return rank_part(self.rank, job.error, files, job.plan, job.record)
 
     def _commit(self, job: _SaveJob) -> None:
         part = self._part(job)
@@ -897,7 +607,7 @@ class Checkpointer:
             )
 
     def _publish(self, job: _SaveJob, parts: list[dict[str, Any]]) -> None:
-        manifest = _merge_parts(job.step, parts)
+        manifest = merge_parts(job.step, parts)
         self._storage.makedirs(job.tmp_dir)
         self._storage.write_atomic(job.tmp_dir / MANIFEST_NAME, manifest.to_bytes(), self._token)
         commit_step(self.root, job.tmp_dir, job.step, self._token, self._storage)
@@ -929,14 +639,14 @@ class Checkpointer:
         with self._lock:
             jobs = list(self._inflight)
         if jobs:
-            keys = _optimizer_tensor_keys(optimizer)
+            keys = optimizer_tensor_keys(optimizer)
             for job in jobs:
-                for item in job.copy_order:
-                    if item.guard is not None and item.key in keys:
-                        item.copied.wait()
-                        if item.cuda_event is not None:
-                            torch.cuda.current_stream(item.source.device).wait_event(
-                                item.cuda_event
+                for copy in job.copy_order:
+                    if copy.shard.guard is not None and copy.shard.key in keys:
+                        copy.copied.wait()
+                        if copy.cuda_event is not None:
+                            torch.cuda.current_stream(copy.shard.source.device).wait_event(
+                                copy.cuda_event
                             )
         self._raise_pending()
 
@@ -1014,26 +724,20 @@ class Checkpointer:
         chosen = self._broadcast(self._choose_step(step) if self.rank == 0 else None)
         if isinstance(chosen, BaseException):
             raise chosen
-        step_dir = self.root / step_dir_name(chosen)
-        manifest = Manifest.from_bytes((step_dir / MANIFEST_NAME).read_bytes())
-        record = manifest.rank_record(self.rank) or manifest.rank_record(0)
-        assert record is not None
-        missing = [name for name in state if name not in record.entries]
-        if missing:
-            raise ValueError(
-                f"step {chosen} under {self.root} has no entries {missing}; it holds "
-                f"{sorted(record.entries)}"
-            )
-        module_names = module_param_names(state)
-        if needs_universal_path(state):
-            self._load_in_place(state, record.entries, manifest, step_dir, module_names)
-        else:
-            for name in list(state):
-                self._restore(state, name, record.entries[name], manifest, step_dir, module_names)
+        stored = self._disk.open_step(chosen)
+        restore_state(
+            state,
+            stored,
+            step=chosen,
+            where=self.root,
+            rank=self.rank,
+            read_buffer_bytes=self._read_buffer_bytes,
+        )
+        manifest = stored.manifest
         if rng:
             own = manifest.rank_record(self.rank)
             if own is not None and own.rng is not None:
-                _restore_rng(own.rng)
+                restore_rng(own.rng)
             else:
                 warnings.warn(
                     f"step {chosen} holds no RNG state for rank {self.rank} (saved by "
@@ -1043,303 +747,16 @@ class Checkpointer:
         return chosen
 
     def _choose_step(self, step: int | None) -> int | BaseException:
-        if step is not None:
-            try:
-                return verify(self.root, step, mode=self.verify_mode)
-            except (FileNotFoundError, CheckpointCorruptError) as error:
-                return error
-        candidates = sorted(list_steps(self.root), reverse=True)
-        damaged: list[str] = []
-        for candidate in candidates:
-            problems = find_problems(self.root / step_dir_name(candidate), self.verify_mode)
-            if not problems:
-                if damaged:
-                    warnings.warn(
-                        f"{'; '.join(damaged)}; loading step {candidate} instead",
-                        CheckpointDamagedWarning,
-                        stacklevel=4,
-                    )
-                return candidate
-            damaged.append(
-                f"checkpoint step {candidate} under {self.root} is damaged ({', '.join(problems)})"
+        choice = self._disk.choose_step(step, self.verify_mode)
+        if isinstance(choice, BaseException):
+            return choice
+        if choice.damaged:
+            warnings.warn(
+                f"{'; '.join(choice.damaged)}; loading step {choice.step} instead",
+                CheckpointDamagedWarning,
+                stacklevel=4,
             )
-        if damaged:
-            return CheckpointCorruptError(self.root, damaged)
-        return FileNotFoundError(f"no committed checkpoint under {self.root}")
-
-    def _load_in_place(
-        self,
-        state: MutableMapping[str, Any],
-        entries: Mapping[str, Any],
-        manifest: Manifest,
-        step_dir: Path,
-        module_names: Mapping[int, str],
-    ) -> None:
-        """Sharded targets: fill every tensor of ``state`` in place, this rank reading only
-        the byte ranges of the stored chunks that overlap what it owns (whatever world
-        size and sharding saved them). Everything is checked before anything is written."""
-        optimizer_values: dict[str, dict[str, Any]] = {}
-        for name, target in state.items():
-            kind = EntryKind(entries[name]["kind"])
-            expected = {
-                EntryKind.MODULE: nn.Module,
-                EntryKind.OPTIMIZER: torch.optim.Optimizer,
-            }.get(kind)
-            if expected is not None and not isinstance(target, expected):
-                raise TypeError(
-                    f"entry {name!r} was saved from {'a module' if kind is EntryKind.MODULE else 'an optimizer'}; "
-                    f"got {type(target).__qualname__}"
-                )
-            if kind is EntryKind.OPTIMIZER:
-                saved = decode_skeleton(entries[name]["value"], lambda _: _STORED_TENSOR)
-                # Checks that the parameters match by name before anything changes.
-                optimizer_values[name] = _optimizer_by_id(name, target, saved, module_names)
-        created = [
-            (optimizer, param)
-            for name, optimizer in state.items()
-            if name in optimizer_values
-            for param in _create_optimizer_state(
-                name, optimizer, entries[name]["value"], manifest, module_names
-            )
-        ]
-        _, tensors = flatten_state(state)
-        plan = [(name, _local(t), shard_of(t, rank=self.rank)) for name, t in tensors.items()]
-        try:
-            check_against(
-                manifest, {name: shard.layout.shape for name, _, shard in plan}, within=set(state)
-            )
-        except ValueError:
-            for optimizer, param in created:
-                del optimizer.state[param]
-            raise
-        with ChunkReader(step_dir, buffer_bytes=self._read_buffer_bytes) as reader, torch.no_grad():
-            for name, local, shard in plan:
-                load_shard(reader, name, manifest.tensors[name], local, shard)
-
-        def stored(tensor_name: str) -> torch.Tensor:
-            if tensor_name in tensors:
-                return tensors[tensor_name]
-            return read_tensor(step_dir, manifest.tensors[tensor_name])
-
-        for name, target in list(state.items()):
-            entry = entries[name]
-            kind = EntryKind(entry["kind"])
-            if kind is EntryKind.MODULE:
-                continue  # every module tensor was filled in place
-            if kind is EntryKind.OPTIMIZER:
-                _restore_optimizer_values(target, optimizer_values[name])
-            elif kind is EntryKind.TENSOR:
-                if not isinstance(target, torch.Tensor):
-                    state[name] = decode_skeleton(entry["value"], stored)
-            elif kind is EntryKind.STATEFUL:
-                target.load_state_dict(decode_skeleton(entry["value"], stored))
-            else:
-                state[name] = decode_skeleton(entry["value"], stored)
-
-    def _restore(
-        self,
-        state: MutableMapping[str, Any],
-        name: str,
-        entry: Mapping[str, Any],
-        manifest: Manifest,
-        step_dir: Path,
-        module_names: Mapping[int, str],
-    ) -> None:
-        kind = EntryKind(entry["kind"])
-        target = state[name]
-        cache: dict[str, torch.Tensor] = {}
-
-        def tensor(tensor_name: str) -> torch.Tensor:
-            if tensor_name not in cache:
-                cache[tensor_name] = read_tensor(step_dir, manifest.tensors[tensor_name])
-            return cache[tensor_name]
-
-        if kind is EntryKind.MODULE:
-            if not isinstance(target, nn.Module):
-                raise TypeError(
-                    f"entry {name!r} was saved from a module; got {type(target).__qualname__}"
-                )
-            target.load_state_dict(decode_skeleton(entry["value"], tensor))
-        elif kind is EntryKind.OPTIMIZER:
-            if not isinstance(target, torch.optim.Optimizer):
-                raise TypeError(
-                    f"entry {name!r} was saved from an optimizer; got {type(target).__qualname__}"
-                )
-            saved = decode_skeleton(entry["value"], tensor)
-            target.load_state_dict(_optimizer_by_id(name, target, saved, module_names))
-        elif kind is EntryKind.TENSOR:
-            (tensor_name,) = skeleton_tensor_names(entry["value"])
-            record = manifest.tensors[tensor_name]
-            if isinstance(target, torch.Tensor):
-                if tuple(target.shape) != record.shape:
-                    raise ValueError(
-                        f"tensor {name!r} has shape {tuple(target.shape)}; the checkpoint holds {record.shape}"
-                    )
-                with torch.no_grad():
-                    target.copy_(read_tensor(step_dir, record))
-            else:
-                state[name] = read_tensor(step_dir, record)
-        elif kind is EntryKind.STATEFUL:
-            target.load_state_dict(decode_skeleton(entry["value"], tensor))
-        else:
-            state[name] = decode_skeleton(entry["value"], tensor)
-
-
-def _optimizer_by_id(
-    entry: str,
-    optimizer: torch.optim.Optimizer,
-    saved: Mapping[str, Any],
-    module_names: Mapping[int, str],
-) -> dict[str, Any]:
-    """A torch optimizer state dict for ``optimizer`` built from a by-name saved one."""
-    names = optimizer_param_names(optimizer, module_names)
-    saved_groups = saved["param_groups"]
-    if len(saved_groups) != len(names):
-        raise ValueError(
-            f"optimizer {entry!r} has {len(names)} parameter groups; the checkpoint has "
-            f"{len(saved_groups)}"
-        )
-    state: dict[int, Any] = {}
-    groups = []
-    param_id = 0
-    for index, (group_names, saved_group) in enumerate(zip(names, saved_groups, strict=True)):
-        missing = sorted(set(saved_group["params"]) - set(group_names))
-        unexpected = sorted(set(group_names) - set(saved_group["params"]))
-        if missing or unexpected:
-            raise ValueError(
-                f"optimizer {entry!r} group {index}: parameters differ from the checkpoint "
-                f"(missing here: {missing}, not in checkpoint: {unexpected}); put the same "
-                "modules in the loaded state as in the saved one so parameters match by name"
-            )
-        ids = []
-        for pname in group_names:
-            if pname in saved["state"]:
-                state[param_id] = saved["state"][pname]
-            ids.append(param_id)
-            param_id += 1
-        groups.append({**saved_group, "params": ids})
-    return {"state": state, "param_groups": groups}
-
-
-_STORED_TENSOR = object()
-"""Stands for a tensor of a decoded skeleton whose values were already loaded in place."""
-
-
-def _create_optimizer_state(
-    entry: str,
-    optimizer: torch.optim.Optimizer,
-    skeleton: Any,
-    manifest: Manifest,
-    module_names: Mapping[int, str],
-) -> list[Any]:
-    """Give each parameter of a fresh optimizer the state tensors it had when saved, so
-    a sharded load can fill them in place: shaped and sharded like the parameter (Adam
-    moments) or a plain scalar (``step``). Returns the parameters given state."""
-    from bitscale.checkpoint.layout import annotate, state_shard
-
-    saved_state = decode_skeleton(skeleton, lambda n: manifest.tensors[n])["state"]
-    names = optimizer_param_names(optimizer, module_names)
-    pairs = [
-        (param, pname)
-        for group, group_names in zip(optimizer.param_groups, names, strict=True)
-        for param, pname in zip(group["params"], group_names, strict=True)
-    ]
-    given = []
-    for param, pname in pairs:
-        if optimizer.state.get(param) or pname not in saved_state:
-            continue
-        shard = shard_of(param)
-        created: dict[str, Any] = {}
-        for key, record in saved_state[pname].items():
-            if not isinstance(record, TensorRecord):
-                continue
-            if tuple(record.shape) == shard.layout.shape:
-                value = torch.zeros_like(param.detach(), dtype=record.torch_dtype)
-                if not hasattr(value, "device_mesh") and has_layout(param):
-                    value = annotate(value, state_shard(shard, value))
-            elif math.prod(record.shape) == 1:
-                value = torch.zeros(record.shape, dtype=record.torch_dtype)
-            else:
-                raise ValueError(
-                    f"optimizer {entry!r}: saved state {key!r} of {pname!r} has shape "
-                    f"{tuple(record.shape)}, neither the parameter's {shard.layout.shape} nor a "
-                    "scalar; take one optimizer step before loading so the state exists"
-                )
-            created[key] = value
-        optimizer.state[param] = created
-        given.append(param)
-    return given
-
-
-def _restore_optimizer_values(optimizer: torch.optim.Optimizer, by_id: Mapping[str, Any]) -> None:
-    """Hyperparameters and non-tensor per-parameter state from ``by_id`` (a torch state
-    dict whose tensors stand for values already loaded in place)."""
-    for group, saved_group in zip(optimizer.param_groups, by_id["param_groups"], strict=True):
-        group.update({k: v for k, v in saved_group.items() if k != "params"})
-        for param, param_id in zip(group["params"], saved_group["params"], strict=True):
-            for key, value in by_id["state"].get(param_id, {}).items():
-                if value is not _STORED_TENSOR:
-                    optimizer.state[param][key] = value
-
-
-def _merge_parts(step: int, parts: list[dict[str, Any]]) -> Manifest:
-    """Rank 0's view: one manifest from every rank's files, chunks and records."""
-    import bitscale
-
-    tensors: dict[str, dict[str, Any]] = {}
-    files: list[FileRecord] = []
-    for part in parts:
-        rank = part["rank"]
-        files.extend(part["files"])
-        for name, spec in part["tensors"].items():
-            entry = tensors.setdefault(
-                name,
-                {
-                    "dtype": spec.dtype,
-                    "shape": spec.global_shape,
-                    "layout": spec.layout,
-                    "chunks": [],
-                },
-            )
-            if (entry["dtype"], entry["shape"]) != (spec.dtype, spec.global_shape):
-                raise CheckpointSaveError(
-                    f"tensor {name!r}: rank {rank} has {spec.dtype}{list(spec.global_shape)}, "
-                    f"another rank {entry['dtype']}{list(entry['shape'])}"
-                )
-            for key, offsets, shape in spec.chunks:
-                entry["chunks"].append(
-                    ChunkRecord(file=part["file_of"][key], key=key, offsets=offsets, shape=shape)
-                )
-    unwritten = [
-        name
-        for name, entry in tensors.items()
-        if not entry["chunks"] and math.prod(entry["shape"]) > 0
-    ]
-    if unwritten:
-        raise CheckpointSaveError(
-            f"tensors {unwritten} were given by other ranks but not by rank 0: plain tensors "
-            "count as replicated and rank 0 writes them; annotate() rank-local tensors with "
-            "their RankLayout"
-        )
-    manifest = Manifest(
-        step=step,
-        world_size=len(parts),
-        files=tuple(files),
-        tensors={
-            name: TensorRecord(
-                dtype=e["dtype"],
-                shape=tuple(e["shape"]),
-                chunks=tuple(e["chunks"]),
-                layout=e["layout"],
-            )
-            for name, e in tensors.items()
-        },
-        ranks=tuple(sorted((p["record"] for p in parts), key=lambda r: r.rank)),
-        created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        writer={"bitscale": bitscale.__version__, "torch": torch.__version__},
-    )
-    validate_manifest(manifest)
-    return manifest
+        return choice.step
 
 
 def _close_at_exit(checkpointer: Checkpointer) -> Callable[[], None]:

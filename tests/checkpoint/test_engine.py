@@ -409,10 +409,11 @@ def test_annotated_shard_must_fit_its_tensor() -> None:
 
 
 def test_plain_tensors_given_only_by_other_ranks_are_refused() -> None:
-    from bitscale.checkpoint.engine import _merge_parts, _TensorSpec
     from bitscale.checkpoint.format import RankRecord
+    from bitscale.checkpoint.merge import merge_parts
+    from bitscale.checkpoint.plan import TensorSpec
 
-    spec = _TensorSpec(dtype="float32", global_shape=(2,), layout=None, chunks=[])
+    spec = TensorSpec(dtype="float32", global_shape=(2,), layout=None, chunks=[])
     parts = [
         {
             "rank": r,
@@ -424,7 +425,7 @@ def test_plain_tensors_given_only_by_other_ranks_are_refused() -> None:
         for r in (0, 1)
     ]
     with pytest.raises(CheckpointSaveError, match="annotate"):
-        _merge_parts(1, parts)
+        merge_parts(1, parts)
 
 
 def _zero_fragment(values: torch.Tensor, start: int, length: int) -> torch.Tensor:
