@@ -1,18 +1,21 @@
 """Checkpointer: lazy asynchronous saves that never lose a committed step.
 
-A save runs as a pipeline of background threads (DataStates-LLM, adapted so it
-also runs on CPU)::
+The Checkpointer is a thin facade over a pipeline of stages (DataStates-LLM,
+adapted so it also runs on CPU), each in its own module::
 
-    save(step, state)  main thread: walk the state, record each tensor's _version,
-                       clone the few tensors a forward pass may change (module
-                       buffers, loose tensors), capture RNG states; return.
-    stager thread      copy each tensor into the reused host buffer pool (pinned on
-                       CUDA, on a side stream), piece by piece; check _version.
-    writer threads     stream the pieces into safetensors files (one file per
-                       writer), hashing as they go; fsync.
-    committer thread   (multi-rank: gather every rank's file list on a gloo group)
-                       rank 0 writes the manifest, renames the directory into place,
-                       swaps LATEST, applies retention (storage.py).
+    save(step, state)  main thread: plan.py walks the state, records each tensor's
+                       _version, clones the few tensors a forward pass may change
+                       (module buffers, loose tensors); rng.py captures RNG states.
+    stager thread      stage.py: copy each chunk into the reused host buffer pool
+                       (pinned on CUDA, on a side stream), piece by piece; check
+                       _version; hand each piece to every tier.
+    tiers              tier.py: where the bytes go. disk.py: writer threads stream the
+                       pieces into safetensors files (one file per writer), hashing
+                       as they go; fsync.
+    committer thread   commit.py: for each tier, gather every rank's part on a gloo
+                       group (group.py); rank 0 merges the manifest (merge.py) and the
+                       tier commits it (disk: rename into place, LATEST, retention).
+    load(state)        load.py: restore a step a tier holds, in place.
 
 Sharded state (DTensors, tensors annotated with a ``RankLayout``) is split into the
 chunks each rank owns (:mod:`bitscale.checkpoint.layout`); those chunks go through the
@@ -27,123 +30,37 @@ installs, and only for the copies of the tensors that step will change.
 from __future__ import annotations
 
 import atexit
-import hashlib
 import logging
-import queue
-import threading
 import warnings
 import weakref
 from collections.abc import Callable, Mapping, MutableMapping
-from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
+from bitscale.checkpoint.commit import Committer
 from bitscale.checkpoint.disk import DiskTier
-from bitscale.checkpoint.errors import (
-    CheckpointDamagedWarning,
-    CheckpointSaveError,
-    StateMutatedError,
-)
-from bitscale.checkpoint.format import (
-    MANIFEST_NAME,
-    FileRecord,
-    RankRecord,
-)
+from bitscale.checkpoint.errors import CheckpointDamagedWarning, CheckpointSaveError
+from bitscale.checkpoint.format import RankRecord
+from bitscale.checkpoint.group import CommitGroup
+from bitscale.checkpoint.job import PendingCopy, SaveBoard, SaveJob
 from bitscale.checkpoint.load import restore_state
-from bitscale.checkpoint.merge import merge_parts, rank_part
-from bitscale.checkpoint.plan import (
-    FilePlan,
-    SavePlan,
-    Shard,
-    optimizer_tensor_keys,
-    plan_save,
-)
+from bitscale.checkpoint.plan import optimizer_tensor_keys, plan_save
 from bitscale.checkpoint.rng import capture_rng, restore_rng
-from bitscale.checkpoint.staging import (
-    HostBufferPool,
-    PoolSlot,
-    byte_view,
-    contiguous_for_copy,
-    max_piece_bytes,
-)
+from bitscale.checkpoint.stage import Stager, wait_for_copies
 from bitscale.checkpoint.storage import (
     LocalStorage,
     Storage,
     VerifyMode,
-    apply_retention,
-    clean_leftovers,
-    commit_step,
     latest_step,
     list_steps,
-    new_token,
-    temp_dir_name,
     verify,
 )
 
 __all__ = ["Checkpointer"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class _Copy:
-    """The lazy copy of one planned chunk into the host pool."""
-
-    shard: Shard
-    copied: threading.Event = field(default_factory=threading.Event)
-    cuda_event: Any = None
-
-
-@dataclass(eq=False)
-class _FileJob:
-    plan: FilePlan
-    writer: Any = None
-    hasher: Any = None
-    written: int = 0
-    sha256: str = ""
-
-
-@dataclass(eq=False)
-class _SaveJob:
-    step: int
-    tmp_dir: Path
-    plan: SavePlan | None
-    files: list[_FileJob]
-    copy_order: list[_Copy]
-    record: RankRecord
-    on_error: Callable[[CheckpointSaveError], None]
-    save_event: Any = None
-    error: CheckpointSaveError | None = None
-    files_left: int = 0
-    durable: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def failed(self) -> bool:
-        return self.error is not None
-
-    def fail(self, error: BaseException, message: str | None = None) -> None:
-        with self.lock:
-            if self.error is not None:
-                return
-            if isinstance(error, CheckpointSaveError):
-                wrapped = error
-            else:
-                wrapped = CheckpointSaveError(
-                    message
-                    or f"saving step {self.step} failed: {error!r}; the step was not "
-                    "committed and earlier committed steps are intact"
-                )
-                wrapped.__cause__ = error
-            self.error = wrapped
-        self.on_error(wrapped)
-
-    def file_finished(self) -> bool:
-        with self.lock:
-            self.files_left -= 1
-            return self.files_left == 0
 
 
 # ----------------------------------------------------------------------------- checkpointer
@@ -218,98 +135,32 @@ class Checkpointer:
             choices = ", ".join(repr(m.value) for m in VerifyMode)
             raise ValueError(f"verify must be one of {choices}, got {verify!r}") from None
         self.root = Path(root)
-        self._disk = DiskTier(self.root)
         self.keep = keep
-        self._storage: Storage = storage or LocalStorage()
-        self._host_buffer_bytes = host_buffer_bytes
         self._num_writers = writer_threads
         self._read_buffer_bytes = read_buffer_bytes
-        self._group, self.rank, self.world_size = self._make_group(process_group, timeout)
-
-        if self.rank == 0:
-            self._storage.makedirs(self.root)
-            removed = clean_leftovers(self.root, self._storage)
-            if removed:
-                log.info("removed leftovers of interrupted saves in %s: %s", self.root, removed)
-        self._token = self._broadcast(new_token() if self.rank == 0 else None)
-        self._save_count = 0
-
-        self._pool: HostBufferPool | None = None
-        self._copy_stream: Any = None
-        self._errors: list[CheckpointSaveError] = []
-        self._inflight: list[_SaveJob] = []
-        self._lock = threading.Lock()
+        self._group = CommitGroup(process_group, timeout)
+        self.rank, self.world_size = self._group.rank, self._group.world_size
+        self._disk = DiskTier(
+            self.root,
+            storage=storage or LocalStorage(),
+            keep=keep,
+            writer_threads=writer_threads,
+            group=self._group,
+        )
+        self._tiers = (self._disk,)
+        self._board = SaveBoard()
         self._closed = False
-        self._stage_queue: queue.Queue[_SaveJob | None] = queue.Queue()
-        self._commit_queue: queue.Queue[_SaveJob | None] = queue.Queue()
-        self._writer_queues: list[queue.Queue[tuple | None]] = [
-            queue.Queue() for _ in range(writer_threads)
-        ]
-        self._threads = [
-            threading.Thread(target=self._stager_loop, name="ckpt-stager", daemon=True),
-            threading.Thread(target=self._committer_loop, name="ckpt-committer", daemon=True),
-        ] + [
-            threading.Thread(
-                target=self._writer_loop, args=(q,), name=f"ckpt-writer{i}", daemon=True
-            )
-            for i, q in enumerate(self._writer_queues)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._stager = Stager(host_buffer_bytes)
+        self._committer = Committer(self._group, self._tiers, self._board)
         # Background threads are daemons; finish in-flight saves at interpreter exit.
         self._atexit = _close_at_exit(self)
         atexit.register(self._atexit)
 
-    # ------------------------------------------------------------------ group
-
-    @staticmethod
-    def _make_group(process_group: Any, timeout: timedelta) -> tuple[Any, int, int]:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            if process_group is not None:
-                raise ValueError("process_group given but torch.distributed is not initialized")
-            return None, 0, 1
-        group = process_group or dist.group.WORLD
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        # Commit traffic runs in a background thread: on its own gloo group it can
-        # never interleave with (and deadlock against) training collectives. Made even
-        # for a one-rank group, as new_group must be called alike by every rank.
-        ranks = dist.get_process_group_ranks(group)
-        commit_group = dist.new_group(ranks=ranks, backend="gloo", timeout=timeout)
-        if world == 1:
-            return None, 0, 1
-        return commit_group, rank, world
-
-    def _broadcast(self, value: Any) -> Any:
-        if self._group is None:
-            return value
-        import torch.distributed as dist
-
-        box = [value]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(self._group, 0), group=self._group)
-        return box[0]
-
-    # ------------------------------------------------------------------ errors
-
-    def _push_error(self, error: CheckpointSaveError) -> None:
-        with self._lock:
-            self._errors.append(error)
-
-    def _raise_pending(self) -> None:
-        with self._lock:
-            errors, self._errors = self._errors, []
-        if errors:
-            if len(errors) > 1:
-                for later in errors[1:]:
-                    log.error("a later checkpoint save failed too: %s", later)
-            raise errors[0]
+    # ------------------------------------------------------------------ save
 
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this Checkpointer is closed")
-
-    # ------------------------------------------------------------------ save
 
     def save(self, step: int, state: Mapping[str, Any]) -> None:
         """Start saving ``state`` as ``step`` and return at once.
@@ -332,7 +183,7 @@ class Checkpointer:
         """
         self._check_open()
         try:
-            self._raise_pending()
+            self._board.raise_pending()
             if isinstance(step, bool) or not isinstance(step, int) or step < 0:
                 raise ValueError(f"step must be a non-negative int, got {step!r}")
             if not isinstance(state, Mapping) or not state:
@@ -343,20 +194,20 @@ class Checkpointer:
             # Every save is one commit round on every rank of the group: a rank that
             # fails here still takes part, failed, so the others hear of it at once
             # instead of waiting in the commit gather until the group times out.
-            self._commit_queue_failed(step, error)
+            self._start_failed(step, error)
             raise
-        with self._lock:
-            self._inflight.append(job)
-        self._stage_queue.put(job)
+        self._board.add(job)
+        self._stager.submit(job)
+        self._committer.submit(job)
 
     def _check_no_later_steps(self, step: int) -> None:
         """Refuse a step below one already committed or being saved: resuming loads the
         highest step and retention keeps the highest ones, so this run's steps would be
         ignored and then deleted. The same step again is fine (a step rewritten after a
         fallback to an older one)."""
-        with self._lock:
-            saving = {job.step for job in self._inflight if not job.failed}
-        later = sorted({s for s in (*list_steps(self.root), *saving) if s > step})
+        saving = self._board.saving_steps()
+        committed = [s for tier in self._tiers for s in tier.steps()]
+        later = sorted({s for s in (*committed, *saving) if s > step})
         if later:
             raise ValueError(
                 f"cannot save step {step} under {self.root}: it already holds later steps "
@@ -365,257 +216,38 @@ class Checkpointer:
                 "steps: move or delete them, or save this run to another folder"
             )
 
-    def _next_tmp_dir(self, step: int) -> Path:
-        self._save_count += 1
-        return self.root / temp_dir_name(step, f"{self._token}-{self._save_count}")
-
-    def _commit_queue_failed(self, step: Any, error: BaseException) -> None:
-        if self._group is None:
+    def _start_failed(self, step: Any, error: BaseException) -> None:
+        if self._group.process_group is None:
             return
         number = step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else 0
-        job = _SaveJob(
+        job = SaveJob(
             step=number,
-            tmp_dir=self._next_tmp_dir(number),
             plan=None,
-            files=[],
-            copy_order=[],
             record=RankRecord(rank=self.rank, entries={}),
             # The caller gets the error raised; it is not pending a second time.
             on_error=lambda _: None,
         )
+        job.writes = [tier.begin(job) for tier in self._tiers]
         job.fail(error, f"rank {self.rank} could not start saving step {step}: {error!r}")
-        with self._lock:
-            self._inflight.append(job)
-        self._commit_queue.put(job)
+        for write in job.writes:
+            write.abandon()
+        self._board.add(job)
+        self._committer.submit(job)
 
-    def _plan(self, step: int, state: Mapping[str, Any]) -> _SaveJob:
+    def _plan(self, step: int, state: Mapping[str, Any]) -> SaveJob:
         plan = plan_save(step, state, rank=self.rank, num_files=self._num_writers)
-        job = _SaveJob(
+        job = SaveJob(
             step=step,
-            tmp_dir=self._next_tmp_dir(step),
             plan=plan,
-            files=[_FileJob(plan=f) for f in plan.files],
-            copy_order=[_Copy(shard) for shard in plan.copy_order],
             record=RankRecord(rank=self.rank, entries=plan.entries, rng=capture_rng()),
-            on_error=self._push_error,
-            files_left=len(plan.files),
+            on_error=self._board.push_error,
+            copies=[PendingCopy(shard) for shard in plan.copy_order],
         )
+        job.writes = [tier.begin(job) for tier in self._tiers]
         if any(shard.source.is_cuda for shard in plan.copy_order):
             job.save_event = torch.cuda.Event()
             job.save_event.record()
         return job
-
-    # ------------------------------------------------------------------ stager
-
-    def _ensure_pool(self, nbytes: int) -> HostBufferPool:
-        wanted = self._host_buffer_bytes or max(nbytes, 1)
-        if self._pool is None or (self._host_buffer_bytes is None and self._pool.capacity < wanted):
-            if self._pool is not None:
-                self._pool.wait_idle()
-            self._pool = HostBufferPool(wanted, pin=torch.cuda.is_available())
-        return self._pool
-
-    def _stager_loop(self) -> None:
-        while (job := self._stage_queue.get()) is not None:
-            self._stage(job)
-
-    def _stage(self, job: _SaveJob) -> None:
-        try:
-            pool = self._ensure_pool(sum(c.shard.nbytes for c in job.copy_order))
-        except BaseException as error:
-            job.fail(error)
-        if job.failed or not job.files:
-            for copy in job.copy_order:
-                copy.copied.set()
-            self._commit_queue.put(job)
-            return
-        piece_bytes = max_piece_bytes(pool.capacity)
-        file_of = {id(shard): n for n, f in enumerate(job.files) for shard in f.plan.shards}
-        for n, file_job in enumerate(job.files):
-            self._writer_queues[n].put(("open", job, file_job))
-        use_cuda = job.save_event is not None
-        if use_cuda and self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream()
-        if use_cuda:
-            self._copy_stream.wait_event(job.save_event)
-        for copy in job.copy_order:
-            item = copy.shard
-            writer_queue = self._writer_queues[file_of[id(item)]]
-            try:
-                if job.failed:
-                    continue
-                source = contiguous_for_copy(item.source, self._copy_stream)
-                flat = byte_view(source)
-                for start in range(0, item.nbytes, piece_bytes):
-                    stop = min(start + piece_bytes, item.nbytes)
-                    slot = pool.allocate(stop - start)
-                    event = None
-                    if source.is_cuda:
-                        with torch.cuda.stream(self._copy_stream):
-                            slot.buffer.copy_(flat[start:stop], non_blocking=True)
-                            event = torch.cuda.Event()
-                            event.record(self._copy_stream)
-                    else:
-                        slot.buffer.copy_(flat[start:stop])
-                    copy.cuda_event = event
-                    writer_queue.put(("piece", job, job.files[file_of[id(item)]], slot, event))
-                if copy.cuda_event is not None and item.guard is not None:
-                    # A change issued on another stream may run concurrently with the
-                    # copy; only a change issued after the copy ended is harmless. So the
-                    # version is read once the copy is done (a change racing it raises).
-                    copy.cuda_event.synchronize()
-                if item.guard is not None and item.guard._version != item.version:
-                    job.fail(
-                        StateMutatedError(
-                            f"tensor {item.name!r} changed in place (version {item.version} -> "
-                            f"{item.guard._version}) before its checkpoint copy finished, so "
-                            f"step {job.step} was not saved. Change parameters only in the "
-                            "step of an optimizer passed to Checkpointer.attach(), or call "
-                            "Checkpointer.wait() before changing them."
-                        )
-                    )
-            except BaseException as error:
-                job.fail(error)
-            finally:
-                copy.copied.set()
-        for n, file_job in enumerate(job.files):
-            self._writer_queues[n].put(("close", job, file_job))
-
-    # ------------------------------------------------------------------ writers
-
-    def _writer_loop(self, commands: queue.Queue[tuple | None]) -> None:
-        while (command := commands.get()) is not None:
-            kind, job, file_job = command[:3]
-            if kind == "open":
-                self._open_file(job, file_job)
-            elif kind == "piece":
-                self._write_piece(job, file_job, command[3], command[4])
-            else:
-                self._close_file(job, file_job)
-
-    def _open_file(self, job: _SaveJob, file_job: _FileJob) -> None:
-        if job.failed:
-            return
-        try:
-            self._storage.makedirs(job.tmp_dir)
-            file_job.writer = self._storage.open_writer(job.tmp_dir / file_job.plan.name)
-            file_job.hasher = hashlib.sha256(file_job.plan.header)
-            file_job.writer.write(memoryview(file_job.plan.header))
-            file_job.written = len(file_job.plan.header)
-        except BaseException as error:
-            self._abort_file(file_job)
-            job.fail(error, self._write_error_message(job, file_job, error))
-
-    def _write_piece(self, job: _SaveJob, file_job: _FileJob, slot: PoolSlot, event: Any) -> None:
-        try:
-            if file_job.writer is None or job.failed:
-                return
-            if event is not None:
-                event.synchronize()
-            data = memoryview(slot.buffer.numpy())
-            file_job.hasher.update(data)
-            file_job.writer.write(data)
-            file_job.written += slot.nbytes
-        except BaseException as error:
-            self._abort_file(file_job)
-            job.fail(error, self._write_error_message(job, file_job, error))
-        finally:
-            assert self._pool is not None
-            self._pool.release(slot)
-
-    def _close_file(self, job: _SaveJob, file_job: _FileJob) -> None:
-        try:
-            if file_job.writer is not None and not job.failed:
-                assert file_job.written == file_job.plan.size, (
-                    file_job.written,
-                    file_job.plan.size,
-                )
-                file_job.writer.close()
-                file_job.writer = None
-                file_job.sha256 = file_job.hasher.hexdigest()
-            else:
-                self._abort_file(file_job)
-        except BaseException as error:
-            self._abort_file(file_job)
-            job.fail(error, self._write_error_message(job, file_job, error))
-        finally:
-            if job.file_finished():
-                self._commit_queue.put(job)
-
-    @staticmethod
-    def _abort_file(file_job: _FileJob) -> None:
-        if file_job.writer is not None:
-            file_job.writer.abort()
-            file_job.writer = None
-
-    def _write_error_message(self, job: _SaveJob, file_job: _FileJob, error: BaseException) -> str:
-        return (
-            f"saving step {job.step} failed writing {file_job.plan.name} under {self.root}: {error}. "
-            f"The step was not committed; committed steps are intact "
-            f"(newest: {latest_step(self.root)})"
-        )
-
-    # ------------------------------------------------------------------ commit
-
-    def _committer_loop(self) -> None:
-        while (job := self._commit_queue.get()) is not None:
-            try:
-                self._commit(job)
-            except BaseException as error:
-                job.fail(error)
-            finally:
-                job.copy_order.clear()
-                for file_job in job.files:
-                    file_job.plan.shards.clear()
-                with self._lock:
-                    self._inflight.remove(job)
-                job.durable.set()
-
-    def _part(self, job: _SaveJob) -> dict[str, Any]:
-        files = [FileRecord(name=f.plan.name, size=f.plan.size, sha256=f.sha256) for f in job.files]
-        return rank_part(self.rank, job.error, files, job.plan, job.record)
-
-    def _commit(self, job: _SaveJob) -> None:
-        part = self._part(job)
-        if self._group is None:
-            parts = [part]
-        else:
-            import torch.distributed as dist
-
-            parts = [None] * self.world_size if self.rank == 0 else None
-            dist.gather_object(
-                part, parts, dst=dist.get_global_rank(self._group, 0), group=self._group
-            )
-        outcome: str | None = None
-        if self.rank == 0:
-            assert parts is not None
-            failed = [p for p in parts if p["error"] is not None]
-            if failed:
-                outcome = "; ".join(f"rank {p['rank']}: {p['error']}" for p in failed)
-                self._storage.remove_tree(job.tmp_dir)
-            else:
-                try:
-                    self._publish(job, parts)
-                except BaseException as error:
-                    self._storage.remove_tree(job.tmp_dir)
-                    job.fail(error)
-                    outcome = str(job.error)
-        outcome = self._broadcast(outcome)
-        if outcome is not None and job.error is None:
-            job.fail(
-                CheckpointSaveError(f"saving step {job.step} failed on another rank: {outcome}")
-            )
-
-    def _publish(self, job: _SaveJob, parts: list[dict[str, Any]]) -> None:
-        manifest = merge_parts(job.step, parts)
-        self._storage.makedirs(job.tmp_dir)
-        self._storage.write_atomic(job.tmp_dir / MANIFEST_NAME, manifest.to_bytes(), self._token)
-        commit_step(self.root, job.tmp_dir, job.step, self._token, self._storage)
-        if self.keep is not None:
-            try:
-                apply_retention(self.root, self.keep, self._token, self._storage)
-            except OSError as error:  # the new step is committed; old ones just linger
-                log.warning("retention under %s failed (%s); old steps remain", self.root, error)
 
     # ------------------------------------------------------------------ hook, wait
 
@@ -636,27 +268,16 @@ class Checkpointer:
         return optimizer.register_step_pre_hook(before_step)
 
     def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
-        with self._lock:
-            jobs = list(self._inflight)
+        jobs = self._board.jobs()
         if jobs:
-            keys = optimizer_tensor_keys(optimizer)
-            for job in jobs:
-                for copy in job.copy_order:
-                    if copy.shard.guard is not None and copy.shard.key in keys:
-                        copy.copied.wait()
-                        if copy.cuda_event is not None:
-                            torch.cuda.current_stream(copy.shard.source.device).wait_event(
-                                copy.cuda_event
-                            )
-        self._raise_pending()
+            wait_for_copies(jobs, optimizer_tensor_keys(optimizer))
+        self._board.raise_pending()
 
     def wait(self) -> None:
         """Block until every save so far is durable (or failed); raise the first failure."""
-        with self._lock:
-            jobs = list(self._inflight)
-        for job in jobs:
+        for job in self._board.jobs():
             job.durable.wait()
-        self._raise_pending()
+        self._board.raise_pending()
 
     def close(self) -> None:
         """Finish in-flight saves, stop the background threads; raise a pending failure."""
@@ -667,14 +288,10 @@ class Checkpointer:
         finally:
             self._closed = True
             atexit.unregister(self._atexit)
-            self._stage_queue.put(None)
-            self._commit_queue.put(None)
-            for writer_queue in self._writer_queues:
-                writer_queue.put(None)
-            for thread in self._threads:
-                thread.join()
-            if self._pool is not None:
-                self._pool.close()
+            self._committer.close()
+            for tier in self._tiers:
+                tier.close()
+            self._stager.close()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -721,7 +338,7 @@ class Checkpointer:
         """
         self._check_open()
         self.wait()
-        chosen = self._broadcast(self._choose_step(step) if self.rank == 0 else None)
+        chosen = self._group.broadcast(self._choose_step(step) if self.rank == 0 else None)
         if isinstance(chosen, BaseException):
             raise chosen
         stored = self._disk.open_step(chosen)

@@ -38,7 +38,7 @@ def test_lazy_cuda_save_keeps_the_state_of_its_step(tmp_path: Path) -> None:
         checkpointer.attach(optimizer)
         checkpointer.save(2, {"model": model, "optim": optimizer})
         _train(model, optimizer, 3)  # the hook orders each step after the pending copies
-        assert checkpointer._pool is not None and checkpointer._pool.pinned
+        assert checkpointer._stager.pool is not None and checkpointer._stager.pool.pinned
 
     torch.manual_seed(1)
     loaded = _model()

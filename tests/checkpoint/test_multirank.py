@@ -54,7 +54,7 @@ def save_and_load_on_ranks(rank: int, world_size: int, root: str) -> dict:
     result: dict = {}
     with Checkpointer(root, keep=2, timeout=timedelta(seconds=TIMEOUT_S)) as checkpointer:
         # torch has no public getter for a group's timeout.
-        result["commit_timeout"] = checkpointer._group._get_backend(
+        result["commit_timeout"] = checkpointer._group.process_group._get_backend(
             torch.device("cpu")
         ).options._timeout
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
