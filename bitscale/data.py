@@ -2,9 +2,12 @@
 
 Three sources, one document per entry, tokens are bytes (vocabulary 256):
 
-- the default, the Python standard library's own ``.py`` files (present wherever Python
-  is): their sizes are naturally long-tailed (median ~6.5 KB, p99 ~160 KB on CPython 3.11),
-  the mixed long/short workload hybrid data parallelism is for;
+- the default, the Python standard library's own ``.py`` source (present wherever Python
+  is), one document per top-level definition: a file's preamble (docstring, imports) and
+  each top-level ``def`` / ``class`` that follows. Their sizes are long-tailed (median ~490
+  bytes, p99 ~28 KB, the longest ~750 KB on CPython 3.11), the mixed long/short workload
+  hybrid data parallelism is for. Whole files are the wrong unit here: 96% of their bytes sit
+  in files longer than 1 KB, so almost every token would belong to a long document;
 - a folder of text files (``--data DIR``), read as bytes;
 - a length file (``--data FILE``, one positive integer per line, e.g. tokenized Wikipedia
   lengths): synthetic documents of those lengths whose tokens follow a per-document
@@ -12,15 +15,20 @@ Three sources, one document per entry, tokens are bytes (vocabulary 256):
 
 The global batch of step ``s`` is a pure function of ``(seed, s)``: every rank computes
 the same batch without communication, and a resumed run needs no loader state to
-continue on exactly the documents it would have seen.
+continue on exactly the documents it would have seen. A batch is a token budget
+(``tokens_per_step``: whole documents until the next one would overflow it) or a fixed
+document count (``docs_per_step``); a document longer than ``max_len`` contributes a seeded
+window of ``max_len`` tokens.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import sysconfig
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
@@ -40,6 +48,9 @@ VOCAB_SIZE = 256
 # Third-party packages installed next to the standard library are not part of it, and
 # differ between machines.
 _NOT_STDLIB = frozenset({"site-packages", "dist-packages", "__pycache__"})
+
+# A line that opens a top-level definition (the newline before it is where a document ends).
+_TOP_LEVEL_DEFINITION = re.compile(rb"\n(?=(?:async def |def |class )\w)")
 
 
 class DataSource(StrEnum):
@@ -61,6 +72,7 @@ class Corpus:
         lengths: Sequence[int],
         *,
         paths: Sequence[Path] | None = None,
+        offsets: Sequence[int] | None = None,
         seed: int = 0,
         name: str = "",
     ) -> None:
@@ -77,9 +89,19 @@ class Corpus:
                 f"the {source} corpus {name!r} reads its documents from files: pass one path "
                 f"per length (got {got} for {len(lengths)} lengths)"
             )
+        if offsets is not None and len(offsets) != len(lengths):
+            raise ValueError(
+                f"the {source} corpus {name!r}: pass one byte offset per document or none "
+                f"(got {len(offsets)} offsets for {len(lengths)} lengths)"
+            )
         self.source = source
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.paths = list(paths) if paths is not None else None
+        self.offsets = (
+            np.asarray(offsets, dtype=np.int64)
+            if offsets is not None
+            else np.zeros(len(self.lengths), dtype=np.int64)
+        )
         self.seed = seed
         self.name = name
 
@@ -87,7 +109,8 @@ class Corpus:
         return len(self.lengths)
 
     def tokens(self, doc_id: int, start: int, stop: int) -> np.ndarray:
-        """Tokens ``[start, stop)`` of document ``doc_id`` as int64."""
+        """Tokens ``[start, stop)`` of document ``doc_id`` as int64 (a document is the
+        bytes ``[offset, offset + length)`` of its file)."""
         if not 0 <= start <= stop <= self.lengths[doc_id]:
             raise IndexError(
                 f"range [{start}, {stop}) is outside document {doc_id} of "
@@ -97,7 +120,7 @@ class Corpus:
             offset, stride = _progression(self.seed, doc_id)
             return (offset + stride * np.arange(start, stop, dtype=np.int64)) % VOCAB_SIZE
         with open(self.paths[doc_id], "rb") as f:
-            f.seek(start)
+            f.seek(int(self.offsets[doc_id]) + start)
             data = f.read(stop - start)
         if len(data) != stop - start:
             raise RuntimeError(
@@ -129,6 +152,24 @@ def _text_files(root: Path, suffix: str | None) -> list[tuple[Path, int]]:
     return found
 
 
+def _top_level_definitions(files: Sequence[tuple[Path, int]]) -> list[tuple[Path, int, int]]:
+    """``(path, offset, length)`` of each file's preamble and top-level definitions (a
+    decorator line belongs to the document before its definition; documents under 2 bytes
+    are dropped). Reads every file once: ~0.5 s for CPython 3.11's 31 MB."""
+    documents: list[tuple[Path, int, int]] = []
+    for path, size in files:
+        data = path.read_bytes()
+        if len(data) != size:
+            raise RuntimeError(f"{path} changed while indexing the standard library")
+        bounds = [0, *(m.start() + 1 for m in _TOP_LEVEL_DEFINITION.finditer(data)), size]
+        documents.extend(
+            (path, start, stop - start)
+            for start, stop in itertools.pairwise(bounds)
+            if stop - start >= 2
+        )
+    return documents
+
+
 def _read_lengths(path: Path) -> list[int]:
     lengths: list[int] = []
     with open(path, encoding="utf-8") as f:
@@ -157,11 +198,12 @@ def load_corpus(data: str | os.PathLike[str] | None = None, *, seed: int = 0) ->
     or a file of document lengths (synthetic tokens seeded by ``seed``)."""
     if data is None:
         root = Path(sysconfig.get_paths()["stdlib"])
-        files = _text_files(root, ".py")
+        documents = _top_level_definitions(_text_files(root, ".py"))
         return Corpus(
             DataSource.STDLIB,
-            [size for _, size in files],
-            paths=[path for path, _ in files],
+            [length for _, _, length in documents],
+            paths=[path for path, _, _ in documents],
+            offsets=[offset for _, offset, _ in documents],
             name=str(root),
         )
     path = Path(data)
@@ -189,23 +231,37 @@ def load_corpus(data: str | os.PathLike[str] | None = None, *, seed: int = 0) ->
     )
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@dataclass(frozen=True, kw_only=True)
 class BatchSampler:
-    """Deterministic global batches: ``docs_per_step`` documents per step, drawn without
-    replacement from a seeded permutation of the corpus per epoch, each cut to at most
-    ``max_len`` tokens at a seeded offset."""
+    """Deterministic global batches drawn in order from a seeded permutation of the corpus
+    per epoch, each document cut to at most ``max_len`` tokens at a seeded offset.
+
+    Exactly one of ``tokens_per_step`` (whole documents, in order, while they fit the budget;
+    a step's first document always goes in) and ``docs_per_step`` (that many documents)."""
 
     num_docs: int
     """Documents in the corpus."""
-    docs_per_step: int
-    """Documents in one global batch."""
     max_len: int
     """Longest sequence; a longer document contributes a window of this many tokens."""
+    tokens_per_step: int | None = None
+    """Token budget of one global batch."""
+    docs_per_step: int | None = None
+    """Documents in one global batch."""
     seed: int = 0
+    _first_docs: list[int] = field(default_factory=lambda: [0], repr=False, compare=False)
+    """Token-budget mode: index of the first document of step s (grown on demand; a step's
+    start depends on every earlier step's documents)."""
 
     def __post_init__(self) -> None:
-        if self.docs_per_step < 1:
+        if (self.tokens_per_step is None) == (self.docs_per_step is None):
+            raise ValueError(
+                "give exactly one of tokens_per_step and docs_per_step, got "
+                f"{self.tokens_per_step} and {self.docs_per_step}"
+            )
+        if self.docs_per_step is not None and self.docs_per_step < 1:
             raise ValueError(f"docs_per_step must be >= 1, got {self.docs_per_step}")
+        if self.tokens_per_step is not None and self.tokens_per_step < 2:
+            raise ValueError(f"tokens_per_step must be >= 2, got {self.tokens_per_step}")
         if self.max_len < 2:
             raise ValueError(f"max_len must be >= 2 (an input and a target), got {self.max_len}")
         if self.num_docs < 1:
@@ -214,22 +270,44 @@ class BatchSampler:
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_docs)
 
+    def _window(self, index: int, lengths: np.ndarray, cache: dict[int, np.ndarray]) -> tuple:
+        """``(doc_id, start, stop)`` of the index-th document of the stream."""
+        epoch, position = divmod(index, self.num_docs)
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = self._permutation(epoch)
+        doc_id = int(cache[epoch][position])
+        length = int(lengths[doc_id])
+        start = 0
+        if length > self.max_len:
+            rng = np.random.default_rng([self.seed, epoch, doc_id, 1])
+            start = int(rng.integers(length - self.max_len + 1))
+        return doc_id, start, min(length, start + self.max_len)
+
+    def _budget_step(
+        self, first: int, lengths: np.ndarray, cache: dict[int, np.ndarray]
+    ) -> list[tuple[int, int, int]]:
+        assert self.tokens_per_step is not None
+        windows = [self._window(first, lengths, cache)]
+        total = windows[0][2] - windows[0][1]
+        while True:
+            window = self._window(first + len(windows), lengths, cache)
+            total += window[2] - window[1]
+            if total > self.tokens_per_step:
+                return windows
+            windows.append(window)
+
     def windows(self, step: int, lengths: np.ndarray) -> list[tuple[int, int, int]]:
         """``(doc_id, start, stop)`` of every sequence of the global batch of ``step``."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
-        first = step * self.docs_per_step
-        windows = []
-        permutation_epoch, permutation = -1, np.empty(0, dtype=np.int64)
-        for index in range(first, first + self.docs_per_step):
-            epoch, position = divmod(index, self.num_docs)
-            if epoch != permutation_epoch:
-                permutation_epoch, permutation = epoch, self._permutation(epoch)
-            doc_id = int(permutation[position])
-            length = int(lengths[doc_id])
-            start = 0
-            if length > self.max_len:
-                rng = np.random.default_rng([self.seed, epoch, doc_id, 1])
-                start = int(rng.integers(length - self.max_len + 1))
-            windows.append((doc_id, start, min(length, start + self.max_len)))
-        return windows
+        cache: dict[int, np.ndarray] = {}
+        if self.docs_per_step is not None:
+            first = step * self.docs_per_step
+            return [
+                self._window(i, lengths, cache) for i in range(first, first + self.docs_per_step)
+            ]
+        starts = self._first_docs
+        while len(starts) <= step:
+            starts.append(starts[-1] + len(self._budget_step(starts[-1], lengths, cache)))
+        return self._budget_step(starts[step], lengths, cache)

@@ -17,6 +17,7 @@ discard the pending checkpoint, and say which step is safe.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -25,11 +26,12 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from bitscale._io import atomic_output, save_figure
+from bitscale.throughput import model_flops
 
 if TYPE_CHECKING:
     import torch
@@ -74,10 +76,27 @@ class Schedule(StrEnum):
 
 
 class Precision(StrEnum):
+    BF16 = "bf16"
+    """bf16 compute under torch.autocast, float32 master weights, gradients and AdamW state
+    (the checkpoints hold the float32 masters); the LM head and the loss stay float32. The
+    default on CUDA."""
     FLOAT32 = "float32"
+    """The default on CPU: bf16 autocast bought no consistent speed there (2 processes on a
+    2-core AMX machine, 6 steps: tiny 0.89x, small 1.14x float32's tokens/s) and costs
+    exactness."""
     FLOAT64 = "float64"
     """For exactness checks: any two schedules or process counts then agree to round-off
     (tests/e2e holds their losses to 1e-10 relative)."""
+
+
+CUDA_CAPACITY = 32768
+"""Default token slots per rank on CUDA: enough work per micro-batch to fill a GPU's matrix
+units; the 1b preset's activations at this capacity are ~50 GB in bf16 (``--capacity`` or
+``--activation-checkpointing`` for smaller GPUs)."""
+CPU_CAPACITY = 2048
+"""Default token slots per rank on CPU (one step of the tiny model stays near a second)."""
+MICRO_BATCHES_PER_STEP = 2
+"""Default token budget of a step: this many full micro-batches per rank."""
 
 
 _QUANT_SPEC = re.compile(r"^w([1-8])(?:a([1-8]|16))?$")
@@ -102,13 +121,19 @@ class TrainConfig:
     """Preset of bitscale.model.PRESETS."""
     steps: int = 30
     """Optimizer steps to reach (a resumed run counts from step 0 too)."""
-    docs_per_step: int = 16
-    """Documents in one global batch."""
-    max_len: int = 512
-    """Longest sequence in tokens; longer documents contribute a seeded window."""
+    tokens_per_step: int | None = None
+    """Token budget of one global batch (whole documents while they fit); default
+    MICRO_BATCHES_PER_STEP * nproc * capacity. Exclusive with docs_per_step."""
+    docs_per_step: int | None = None
+    """Documents in one global batch instead of a token budget."""
+    max_len: int | None = None
+    """Longest sequence in tokens; longer documents contribute a seeded window. Default:
+    the longest the processes can hold (nproc * capacity), so documents are not cut to one
+    rank's capacity: the long ones are what HDP spreads over ranks."""
     capacity: int | None = None
-    """Token slots one rank holds in one micro-batch; default ceil(max_len / min(nproc, 2)),
-    so documents longer than half of max_len are spread over several ranks."""
+    """Token slots one rank holds in one micro-batch. Default: CUDA_CAPACITY on CUDA,
+    CPU_CAPACITY otherwise; with --max-len given, ceil(max_len / min(nproc, 2)), so
+    documents longer than half of max_len are spread over several ranks."""
     lr: float = 3e-3
     warmup_steps: int = 5
     weight_decay: float = 0.01
@@ -116,7 +141,12 @@ class TrainConfig:
     data: str | None = None
     """None: the standard library's .py files; a folder of text files; a length file."""
     schedule: Schedule = Schedule.HDP
-    precision: Precision = Precision.FLOAT32
+    precision: Precision | None = None
+    """None: bf16 on CUDA, float32 elsewhere."""
+    compile: bool = False
+    """torch.compile the blocks (the token count is a dynamic dimension: one graph)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's projections and MLP in backward (attention is kept)."""
     quant: str | None = None
     """Bipolar-INT QAT for the block projections, e.g. "w4a8"; None trains in float."""
     quant_scope: str = "all"
@@ -132,12 +162,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "docs_per_step", "ckpt_every", "keep"):
-            if getattr(self, name) < 1:
-                raise ValueError(
-                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
-                )
-        if self.max_len < 2:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.max_len is not None and self.max_len < 2:
             raise ValueError(f"--max-len must be >= 2 (an input and a target), got {self.max_len}")
+        if self.tokens_per_step is not None and self.docs_per_step is not None:
+            raise ValueError(
+                "--tokens-per-step and --docs-per-step both size the batch; give one of them"
+            )
+        if self.tokens_per_step is not None and self.tokens_per_step < 2:
+            raise ValueError(f"--tokens-per-step must be >= 2, got {self.tokens_per_step}")
         if self.capacity is not None and self.capacity < 2:
             raise ValueError(f"--capacity must be >= 2 token slots, got {self.capacity}")
         if self.warmup_steps < 0:
@@ -151,28 +186,71 @@ class TrainConfig:
         if self.resume and self.ckpt_dir is None:
             raise ValueError("--resume needs --ckpt-dir (the folder holding the checkpoints)")
         object.__setattr__(self, "schedule", Schedule(self.schedule))
-        object.__setattr__(self, "precision", Precision(self.precision))
+        if self.precision is not None:
+            try:
+                object.__setattr__(self, "precision", Precision(self.precision))
+            except ValueError:
+                choices = ", ".join(p.value for p in Precision)
+                raise ValueError(
+                    f"--precision {self.precision!r} is not one of {choices}"
+                ) from None
+        if self.compile and self.precision is Precision.FLOAT64:
+            raise ValueError(
+                "--compile does not go with --precision float64: float64 runs are exactness "
+                "checks, and compiled kernels fuse and reorder the float math; drop --compile "
+                "or use bf16/float32"
+            )
 
-    def capacity_for(self, world_size: int) -> int:
+    def capacity_for(self, world_size: int, *, cuda: bool = False) -> int:
         if self.capacity is not None:
             capacity = self.capacity
-        else:
+        elif self.max_len is not None:
             capacity = math.ceil(self.max_len / min(world_size, 2))
             capacity += capacity % 2  # zigzag shards hold whole chunk pairs
+        else:
+            return CUDA_CAPACITY if cuda else CPU_CAPACITY
+        max_len = self.max_len if self.max_len is not None else _longest_held(world_size, capacity)
         # A sequence that fits one rank stays whole; past that, L tokens on d ranks take
         # 2 * ceil(L / (2d)) slots per rank (zigzag shards hold whole chunk pairs).
-        ring_slots = 2 * math.ceil(self.max_len / (2 * world_size))
-        needed = self.max_len if world_size == 1 else min(self.max_len, ring_slots)
+        ring_slots = 2 * math.ceil(max_len / (2 * world_size))
+        needed = max_len if world_size == 1 else min(max_len, ring_slots)
         if needed > capacity:
             raise ValueError(
-                f"--max-len {self.max_len} does not fit on {world_size} process(es) of "
+                f"--max-len {max_len} does not fit on {world_size} process(es) of "
                 f"--capacity {capacity} token slots; raise --capacity to at least {needed}, "
                 "lower --max-len, or use more processes"
             )
         return capacity
 
+    def resolved(self, world_size: int, *, cuda: bool) -> TrainConfig:
+        """This config with the device- and process-count-dependent defaults filled in:
+        precision, capacity, max_len and the token budget. A run and its checkpoints use
+        the resolved values, so resuming on another process count with the defaults asks
+        for the original --max-len / --tokens-per-step (the data would change)."""
+        capacity = self.capacity_for(world_size, cuda=cuda)
+        max_len = self.max_len if self.max_len is not None else _longest_held(world_size, capacity)
+        tokens_per_step = self.tokens_per_step
+        if tokens_per_step is None and self.docs_per_step is None:
+            tokens_per_step = MICRO_BATCHES_PER_STEP * world_size * capacity
+        precision = self.precision
+        if precision is None:
+            precision = Precision.BF16 if cuda else Precision.FLOAT32
+        return replace(
+            self,
+            capacity=capacity,
+            max_len=max_len,
+            tokens_per_step=tokens_per_step,
+            precision=precision,
+        )
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        import torch
+
+        return torch.bfloat16 if self.precision is Precision.BF16 else None
 
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
@@ -186,6 +264,12 @@ class TrainConfig:
 
 # --------------------------------------------------------------------------------------------
 # per-step records and their summary (pure)
+
+
+def _longest_held(world_size: int, capacity: int) -> int:
+    """The longest sequence ``world_size`` ranks of ``capacity`` slots hold (zigzag shards
+    hold whole chunk pairs, so an odd capacity loses a slot on a ring)."""
+    return capacity if world_size == 1 else world_size * (capacity - capacity % 2)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,16 +296,29 @@ class StepRecord:
     """The planner's count of the same bytes."""
     ckpt_stall_s: float
     """Seconds rank 0's training was blocked by checkpointing during this step."""
+    model_flops: int
+    """Training FLOPs the model needs for this batch (`bitscale.throughput.model_flops`)."""
+    graphs_compiled: int
+    """Graphs torch.compile built on rank 0 during this step (0 after the first step when
+    the dynamic token count works; always 0 without --compile)."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class RunSummary:
     schedule: str
     world_size: int
+    precision: str
     first_step: int
     last_step: int
     final_loss: float | None
     tokens_per_s: float
+    model_flops_per_token: float
+    model_flops_per_s: float
+    mfu: float | None
+    """model_flops_per_s over world_size devices' dense bf16 peak; None without a known peak
+    (CPU, an unlisted GPU)."""
+    peak_flops: float | None
+    """One device's dense bf16 peak used for mfu."""
     mean_balance: float
     ring_bytes: int
     saves: int
@@ -237,25 +334,37 @@ def summarize(
     *,
     schedule: str,
     world_size: int,
+    precision: str,
     first_step: int,
     saves: int,
     wall_s: float,
     safe_step: int | None,
     interrupted: bool,
+    peak_flops: float | None = None,
 ) -> RunSummary:
     """Totals of a run's steps. Throughput is tokens over step time summed, so start-up and
     the final checkpoint flush do not count, and leaves out the first step when there are
-    more (it pays one-time costs: allocator warm-up, first ring connections)."""
+    more (it pays one-time costs: allocator warm-up, first ring connections, compilation).
+    MFU is the same steps' model FLOPs per second over ``world_size`` x ``peak_flops``."""
+    from bitscale.throughput import mfu
+
     timed = records[1:] if len(records) > 1 else records
     step_time = sum(r.time_s for r in timed)
     stall = sum(r.ckpt_stall_s for r in records)
+    tokens = sum(r.tokens for r in timed)
+    flops = sum(r.model_flops for r in timed)
     return RunSummary(
         schedule=schedule,
         world_size=world_size,
+        precision=precision,
         first_step=first_step,
         last_step=records[-1].step if records else first_step,
         final_loss=records[-1].loss if records else None,
-        tokens_per_s=sum(r.tokens for r in timed) / step_time if step_time > 0 else 0.0,
+        tokens_per_s=tokens / step_time if step_time > 0 else 0.0,
+        model_flops_per_token=flops / tokens if tokens else 0.0,
+        model_flops_per_s=flops / step_time if step_time > 0 else 0.0,
+        mfu=mfu(flops, step_time, peak_flops, world_size),
+        peak_flops=peak_flops,
         mean_balance=sum(r.balance for r in records) / len(records) if records else 1.0,
         ring_bytes=sum(r.ring_bytes for r in records),
         saves=saves,
@@ -266,7 +375,9 @@ def summarize(
     )
 
 
-METRICS_VERSION = 1
+METRICS_VERSION = 2
+"""2: StepRecord.model_flops and graphs_compiled; RunSummary.precision, model FLOPs and
+MFU; config fields tokens_per_step, compile, activation_checkpointing."""
 
 
 def metrics_document(
@@ -330,8 +441,12 @@ def print_summary(summaries: Sequence[RunSummary]) -> None:
         table.add_column(f"{summary.schedule} ({summary.world_size} proc)", justify="right")
     rows: list[tuple[str, Any]] = [
         ("steps", lambda s: f"{s.first_step + 1}..{s.last_step}"),
+        ("precision", lambda s: s.precision),
         ("final loss", lambda s: "-" if s.final_loss is None else f"{s.final_loss:.4f}"),
         ("tokens/s", lambda s: f"{s.tokens_per_s:,.0f}"),
+        ("model GFLOP/token", lambda s: f"{s.model_flops_per_token / 1e9:.3f}"),
+        ("model TFLOP/s", lambda s: f"{s.model_flops_per_s / 1e12:.3f}"),
+        ("MFU (bf16 peak)", lambda s: "n/a" if s.mfu is None else f"{100 * s.mfu:.1f}%"),
         ("balance max/mean", lambda s: f"{s.mean_balance:.3f}"),
         ("ring MB", lambda s: f"{s.ring_bytes / 1e6:.2f}"),
         ("checkpoints", lambda s: str(s.saves)),
@@ -414,9 +529,9 @@ def cost_model_for(model_config: Any, precision: Precision) -> Any:
     Compute is in FLOPs over an assumed 2e10 FLOP/s (a few CPU cores; only ratios matter for
     balancing): linear work 6 FLOPs per parameter per token, causal attention 3.5 x 2 x dim
     FLOPs per token pair per layer (backward ~2.5x forward), and an assumed 3 ms of fixed
-    Python overhead per forward/backward call. Ring bytes are exact for the dtype the ring
-    carries (float32, or float64 in float64 mode), so measured ring traffic must equal the
-    plan's.
+    Python overhead per forward/backward call. Ring bytes are exact for the dtypes the ring
+    carries (K/V in bf16 under --precision bf16, else the parameters' dtype; dK/dV in float32
+    or wider), so measured ring traffic must equal the plan's.
     """
     from bitscale.hdp.cost import CostModel
 
@@ -438,7 +553,7 @@ def cost_model_for(model_config: Any, precision: Precision) -> Any:
         num_layers=c.num_layers,
         kv_heads=c.num_kv_heads,
         head_dim=c.head_dim,
-        element_size=8 if precision is Precision.FLOAT64 else 4,
+        element_size={Precision.BF16: 2, Precision.FLOAT32: 4, Precision.FLOAT64: 8}[precision],
         # One host: every rank is on the same node and the ring crosses shared memory.
         node_size=1 << 20,
     )
@@ -452,6 +567,7 @@ def build_model(config: TrainConfig, device: torch.device) -> GPT:
 
     torch.manual_seed(config.seed)
     model = GPT(preset(config.model))
+    # bf16 keeps float32 parameters (the masters); autocast lowers the compute.
     if config.precision is Precision.FLOAT64:
         model = model.double()
     if config.quant is not None:
@@ -461,7 +577,85 @@ def build_model(config: TrainConfig, device: torch.device) -> GPT:
         model = quantize_model(
             model, w_bits=w_bits, a_bits=a_bits, filter=quant_filter(QuantScope(config.quant_scope))
         )
-    return model.to(device)
+    model = model.to(device)
+    model.set_activation_checkpointing(config.activation_checkpointing)
+    if config.compile:
+        model.compile_blocks()
+    return model
+
+
+def check_fits(config: TrainConfig, available_bytes: int, where: str) -> None:
+    """Refuse a resolved config whose estimated memory (`bitscale.throughput`) exceeds
+    ``available_bytes`` of one process, naming the way out."""
+    from bitscale.model import preset
+    from bitscale.throughput import estimate_memory
+
+    c = preset(config.model)
+    assert config.capacity is not None, "check_fits takes a resolved config"
+    params = (
+        c.vocab_size * c.dim * 2
+        + c.num_layers * (2 * c.dim * c.dim + 2 * c.dim * c.num_kv_heads * c.head_dim)
+        + c.num_layers * 3 * c.dim * c.ffn_dim
+    )
+    wide = 8 if config.precision is Precision.FLOAT64 else 4
+    estimate = estimate_memory(
+        params=params,
+        dim=c.dim,
+        kv_dim=c.num_kv_heads * c.head_dim,
+        ffn_dim=c.ffn_dim,
+        num_layers=c.num_layers,
+        capacity=config.capacity,
+        param_bytes=wide,
+        compute_bytes=2 if config.precision is Precision.BF16 else wide,
+        checkpointing=config.activation_checkpointing,
+    )
+    if estimate.total > available_bytes:
+        gib = 1 << 30
+        hint = "" if config.activation_checkpointing else ", add --activation-checkpointing"
+        raise ValueError(
+            f"--model {config.model} does not fit: about {estimate.total / gib:.1f} GiB per "
+            f"process ({estimate.states / gib:.1f} GiB of weights, gradients and AdamW state, "
+            f"{estimate.activations / gib:.1f} GiB of activations at --capacity "
+            f"{config.capacity}) but {where} has {available_bytes / gib:.1f} GiB; choose a "
+            f"smaller --model, lower --capacity{hint}, or use more memory per process"
+        )
+
+
+def _memory_per_process(nproc: int) -> tuple[int, str]:
+    """Bytes one process may use here: a CUDA device's memory (one device per process when
+    there are enough), or the host's memory shared by ``nproc`` processes."""
+    import torch
+
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        total = torch.cuda.get_device_properties(0).total_memory
+        sharing = max(1, math.ceil(nproc / count))
+        return total // sharing, f"{torch.cuda.get_device_name(0)} (per process)"
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return host // nproc, f"this host's memory shared by {nproc} process(es)"
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 datasheet peak, or None (CPU, unlisted GPU)."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    from bitscale.bench import known_gpu_peaks
+
+    peaks = known_gpu_peaks(torch.cuda.get_device_name(device))
+    return None if peaks is None else peaks.bf16_flops
+
+
+def _graphs_compiled() -> int:
+    """Graphs torch.compile has built in this process so far."""
+    import sys
+
+    if "torch._dynamo" not in sys.modules:
+        return 0
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 # Settings that decide which model is trained on which data: a resumed run must match them.
@@ -469,6 +663,7 @@ def build_model(config: TrainConfig, device: torch.device) -> GPT:
 # decay and the scheduler's base lr, so a changed flag would be silently ignored.
 _IDENTITY_FIELDS = (
     "model",
+    "tokens_per_step",
     "docs_per_step",
     "max_len",
     "seed",
@@ -509,7 +704,9 @@ def _check_same_run(saved: dict[str, Any], current: dict[str, Any], ckpt_dir: st
     if changed:
         raise ValueError(
             f"--resume: the checkpoint in {ckpt_dir} was trained with different settings "
-            f"({'; '.join(changed)}); resume with the original flags or use a new --ckpt-dir"
+            f"({'; '.join(changed)}); resume with the original flags (the defaults of "
+            "--tokens-per-step and --max-len grow with the process count: pass the saved "
+            "values) or use a new --ckpt-dir"
         )
 
 
@@ -596,25 +793,58 @@ def _train_schedule(
     run_start = time.perf_counter()
     device = _device()
     corpus = load_corpus(config.data, seed=config.seed)
+    assert config.max_len is not None and config.capacity is not None, "resolved config"
+    assert isinstance(config.precision, Precision), "resolved config"
     sampler = BatchSampler(
         num_docs=len(corpus),
+        tokens_per_step=config.tokens_per_step,
         docs_per_step=config.docs_per_step,
         max_len=config.max_len,
         seed=config.seed,
     )
     capacity = config.capacity_for(world)
     model = build_model(config, device)
-    cost = cost_model_for(model.config, config.precision)
+    c = model.config
+    flops_of = functools.partial(
+        model_flops,
+        matmul_params=model.matmul_parameters(),
+        num_layers=c.num_layers,
+        attention_dim=c.num_heads * c.head_dim,
+    )
+    peak_flops = _peak_flops(device)
+    cost = cost_model_for(c, config.precision)
+    # Fused AdamW: one kernel for all parameters on CUDA; foreach (a few multi-tensor ops)
+    # elsewhere. Either keeps float32 (or float64) state next to the float32 masters.
+    fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay
+        model.parameters(),
+        lr=config.lr,
+        betas=(0.9, 0.95),
+        weight_decay=config.weight_decay,
+        fused=fused or None,
+        foreach=None if fused else True,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.warmup_steps))
-    runner = HDPRunner(model)
+    runner = HDPRunner(model, autocast=config.autocast_dtype)
     quant = f", bipolar QAT {config.quant} ({config.quant_scope})" if config.quant else ""
+    extras = "".join(
+        text
+        for on, text in (
+            (config.compile, ", compiled blocks"),
+            (config.activation_checkpointing, ", activation checkpointing"),
+        )
+        if on
+    )
+    batch = (
+        f"{config.tokens_per_step:,} tokens per step"
+        if config.tokens_per_step is not None
+        else f"{config.docs_per_step} documents per step"
+    )
     log(
         f"[{schedule}] {config.model}: {model.num_parameters():,} parameters, "
-        f"{config.precision}{quant}; {len(corpus):,} documents from {corpus.name}; "
-        f"{world} process(es), capacity {capacity} tokens per rank"
+        f"{config.precision}{quant}{extras}; {len(corpus):,} documents from {corpus.name}, "
+        f"{batch}, up to {config.max_len:,} tokens each; {world} process(es), capacity "
+        f"{capacity:,} tokens per rank"
     )
     timer = _Timer()
     optimizer.register_step_pre_hook(timer.before)
@@ -662,6 +892,7 @@ def _train_schedule(
             windows = sampler.windows(step, corpus.lengths)
             lengths = [stop_ - start for _, start, stop_ in windows]
             plan = _plan(schedule, lengths, world, capacity, cost)
+            graphs_before = _graphs_compiled()
             step_start = time.perf_counter()
             outcome = runner.step(_LazyBatch(corpus, windows), plan)
             optimizer.step()
@@ -689,6 +920,8 @@ def _train_schedule(
                     ring_bytes=sum(outcome.ring_kv_bytes) + sum(outcome.ring_dkv_bytes),
                     planned_ring_bytes=plan.stats.ring_bytes,
                     ckpt_stall_s=stall_s,
+                    model_flops=flops_of(lengths),
+                    graphs_compiled=_graphs_compiled() - graphs_before,
                 )
             )
             if progress is not None:
@@ -718,6 +951,8 @@ def _train_schedule(
         records,
         schedule=str(schedule),
         world_size=world,
+        precision=str(config.precision),
+        peak_flops=peak_flops,
         first_step=start_step,
         saves=saves,
         wall_s=time.perf_counter() - run_start,
@@ -741,6 +976,7 @@ def train(config: TrainConfig) -> dict[str, tuple[RunSummary, list[StepRecord]]]
 
     owns_group = _init_process_group()
     rank, world = dist.get_rank(), dist.get_world_size()
+    config = config.resolved(world, cuda=_device().type == "cuda")
 
     def log(message: str) -> None:
         if rank == 0:
@@ -858,7 +1094,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=d.model,
-        help="model preset: tiny, small or medium (default: %(default)s)",
+        help="model preset: tiny (0.14M parameters), small (3M), medium (35M), large (270M) or "
+        "1b (1.0B) (default: %(default)s)",
     )
     parser.add_argument(
         "--steps",
@@ -867,22 +1104,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="optimizer steps to reach; a resumed run counts from step 0 (default: %(default)s)",
     )
     parser.add_argument(
+        "--tokens-per-step",
+        type=int,
+        default=None,
+        help="token budget of one global batch, filled with whole documents "
+        f"(default: {MICRO_BATCHES_PER_STEP} x nproc x capacity)",
+    )
+    parser.add_argument(
         "--docs-per-step",
         type=int,
-        default=d.docs_per_step,
-        help="documents in one global batch (default: %(default)s)",
+        default=None,
+        help="documents in one global batch, instead of a token budget",
     )
     parser.add_argument(
         "--max-len",
         type=int,
-        default=d.max_len,
-        help="longest sequence in tokens (default: %(default)s)",
+        default=None,
+        help="longest sequence in tokens; longer documents give a random window "
+        "(default: nproc x capacity, the longest the processes hold)",
     )
     parser.add_argument(
         "--capacity",
         type=int,
         default=None,
-        help="token slots per rank per micro-batch (default: max-len / min(nproc, 2))",
+        help=f"token slots per rank per micro-batch (default: {CUDA_CAPACITY} on CUDA, "
+        f"{CPU_CAPACITY} on CPU; max-len / min(nproc, 2) when --max-len is given)",
     )
     parser.add_argument(
         "--lr",
@@ -920,9 +1166,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--precision",
-        choices=[p.value for p in Precision],
-        default=d.precision.value,
-        help="parameter and compute dtype (default: %(default)s)",
+        default=None,
+        help="bf16 (bf16 compute, float32 master weights and AdamW state), float32, or float64 "
+        "for exactness checks (default: bf16 on CUDA, float32 on CPU)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the transformer blocks (one graph for every token count)",
+    )
+    parser.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute each block's projections and MLP in backward to save memory",
     )
     parser.add_argument(
         "--quant",
@@ -962,6 +1218,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         model=args.model,
         steps=args.steps,
+        tokens_per_step=args.tokens_per_step,
         docs_per_step=args.docs_per_step,
         max_len=args.max_len,
         capacity=args.capacity,
@@ -971,7 +1228,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         seed=args.seed,
         data=args.data,
         schedule=Schedule(args.schedule),
-        precision=Precision(args.precision),
+        precision=args.precision,
+        compile=args.compile,
+        activation_checkpointing=args.activation_checkpointing,
         quant=args.quant,
         quant_scope=args.quant_scope,
         ckpt_dir=args.ckpt_dir,
@@ -1024,28 +1283,46 @@ def launch(config: TrainConfig, nproc: int) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
+    """``bitscale train``: a bad flag or setting is one line on stderr (exit status 2),
+    not a traceback; errors once training runs keep theirs."""
     worker_config = getattr(args, "worker_config", None)
-    config = TrainConfig.from_json(worker_config) if worker_config else config_from_args(args)
-    if args.nproc is not None and not worker_config:
-        if args.nproc < 1:
-            raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
-        # Catch bad flags here, once, rather than as a traceback from every process.
-        from bitscale.data import load_corpus
-        from bitscale.model import preset
-
-        preset(config.model)
-        load_corpus(config.data, seed=config.seed)
-        if "WORLD_SIZE" in os.environ:
-            raise ValueError(
-                "--nproc starts processes itself; under torchrun leave it out "
-                "(torchrun's --nproc-per-node sets the process count)"
-            )
-        config.capacity_for(args.nproc)
-        for ckpt_dir in _ckpt_dirs(config):
-            _check_fresh_ckpt_dir(ckpt_dir, config.resume)
-        return launch(config, args.nproc)
+    if worker_config:
+        config = TrainConfig.from_json(worker_config)
+    else:
+        try:
+            config = _checked_config(args)
+        except ValueError as error:
+            print(f"bitscale train: error: {error}", file=sys.stderr)
+            return 2
+        if args.nproc is not None:
+            return launch(config, args.nproc)
     runs = train(config)
     return 130 if any(summary.interrupted for summary, _ in runs.values()) else 0
+
+
+def _checked_config(args: argparse.Namespace) -> TrainConfig:
+    """The flags' config, once every check that needs no process group has passed."""
+    config = config_from_args(args)
+    nproc = args.nproc if args.nproc is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    from bitscale.data import load_corpus
+    from bitscale.model import preset
+
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    preset(config.model)
+    load_corpus(config.data, seed=config.seed)
+    if args.nproc is not None and "WORLD_SIZE" in os.environ:
+        raise ValueError(
+            "--nproc starts processes itself; under torchrun leave it out "
+            "(torchrun's --nproc-per-node sets the process count)"
+        )
+    import torch
+
+    resolved = config.resolved(nproc, cuda=torch.cuda.is_available())
+    check_fits(resolved, *_memory_per_process(nproc))
+    for ckpt_dir in _ckpt_dirs(config):
+        _check_fresh_ckpt_dir(ckpt_dir, config.resume)
+    return config
 
 
 def _module_main(argv: Sequence[str] | None = None) -> int:

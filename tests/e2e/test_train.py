@@ -27,8 +27,15 @@ def _with_steps(args: tuple[str, ...], steps: int) -> list[str]:
     return out
 
 
-def test_demo_command_with_fewer_steps(tmp_path: Path, run_train, read_metrics) -> None:
-    """The README's `make demo` command, verbatim except --steps (10 = one checkpoint)."""
+def test_demo_command_with_fewer_steps(
+    tmp_path: Path, run_train, read_metrics, record_property
+) -> None:
+    """The README's `make demo` command, verbatim except --steps (10 = one checkpoint).
+
+    HDP must train faster than the static mesh on the default data. The full demo measured
+    HDP / static = 1.24 tokens/s on this 2-core machine; on 2 cores shared with other test
+    processes the margin over 1.2 is not safe, so this asserts > 1.0 and records the ratio
+    (junit property hdp_over_static_tokens_per_s)."""
     steps = int(DEMO_ARGS[DEMO_ARGS.index("--ckpt-every") + 1])
     result = run_train([*_with_steps(DEMO_ARGS, steps), "--no-progress"], cwd=tmp_path, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -43,6 +50,14 @@ def test_demo_command_with_fewer_steps(tmp_path: Path, run_train, read_metrics) 
         assert latest_step(tmp_path / "runs/demo/ckpt" / name) == steps
     assert (tmp_path / "runs/demo/train.png").stat().st_size > 10_000
     assert "tokens/s" in result.stdout and "hdp (2 proc)" in result.stdout
+    summaries = {name: run["summary"] for name, run in metrics["runs"].items()}
+    ratio = summaries["hdp"]["tokens_per_s"] / summaries["static"]["tokens_per_s"]
+    record_property("hdp_over_static_tokens_per_s", round(ratio, 3))
+    print(f"demo: HDP / static tokens/s = {ratio:.3f}")
+    assert ratio > 1.0, summaries
+    # Same batches: the schedules differ in where tokens run, not in what is trained.
+    assert summaries["hdp"]["model_flops_per_token"] == summaries["static"]["model_flops_per_token"]
+    assert summaries["hdp"]["mfu"] is None and "n/a" in result.stdout  # no peak for a CPU
 
 
 def test_four_processes_hdp_equals_static_in_float64(
@@ -68,6 +83,21 @@ def test_four_processes_hdp_equals_static_in_float64(
     assert sum(r["ring_bytes"] for r in runs["hdp"]["steps"]) < sum(
         r["ring_bytes"] for r in runs["static"]["steps"]
     )
+
+
+def test_compile_with_hdp_compiles_once(tmp_path: Path, run_train, read_metrics, small_args):
+    """--compile on 2 processes: the token count changes every micro-batch (packed documents
+    and ring shards), yet every graph is built in the first step and none after."""
+    args = [*small_args, "--nproc", "2", "--steps", "3", "--compile", "--metrics", "m.json"]
+    result = run_train(args, cwd=tmp_path, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = read_metrics(tmp_path / "m.json")["runs"]["hdp"]["steps"]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert steps[0]["graphs_compiled"] >= 1
+    assert [r["graphs_compiled"] for r in steps[1:]] == [0, 0], steps
+    # Different micro-batch sizes did run: both packed documents and rings.
+    assert all(r["ring_bytes"] == r["planned_ring_bytes"] > 0 for r in steps)
+    assert "compiled blocks" in result.stdout
 
 
 def test_kill_9_then_resume_on_other_process_counts(
