@@ -87,8 +87,11 @@ def test_four_processes_hdp_equals_static_in_float64(
 
 def test_compile_with_hdp_compiles_once(tmp_path: Path, run_train, read_metrics, small_args):
     """--compile on 2 processes: the token count changes every micro-batch (packed documents
-    and ring shards), yet every graph is built in the first step and none after."""
+    and ring shards), yet every graph is built in the first step and none after. With
+    activation checkpointing on too: rings still send exactly the planned bytes (attention
+    is never recomputed)."""
     args = [*small_args, "--nproc", "2", "--steps", "3", "--compile", "--metrics", "m.json"]
+    args.append("--activation-checkpointing")
     result = run_train(args, cwd=tmp_path, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     steps = read_metrics(tmp_path / "m.json")["runs"]["hdp"]["steps"]
@@ -97,7 +100,7 @@ def test_compile_with_hdp_compiles_once(tmp_path: Path, run_train, read_metrics,
     assert [r["graphs_compiled"] for r in steps[1:]] == [0, 0], steps
     # Different micro-batch sizes did run: both packed documents and rings.
     assert all(r["ring_bytes"] == r["planned_ring_bytes"] > 0 for r in steps)
-    assert "compiled blocks" in result.stdout
+    assert "compiled blocks, activation checkpointing" in result.stdout
 
 
 def test_kill_9_then_resume_on_other_process_counts(
