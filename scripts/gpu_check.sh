@@ -80,5 +80,27 @@ done
 # verdict ends the output a short lease sees).
 "$python" -m bitscale bench goals 2>&1 | tee "$out/goals.md"
 
+# End to end on one GPU (issue 22): `bitscale train` with the 1b preset, bf16 compute over
+# float32 masters, compiled blocks, default token budget (32768-token micro-batches), its
+# MFU in the summary and in train-1b.json; then bitscale's step (HDP d = 1) against a plain
+# PyTorch loop over the same 1b model and batches (bench/e2e/bench_plain_loop.py, MFU of
+# both). E2E_SECONDS (default 180) boxes both; E2E_MODEL=tiny dry-runs it on a CPU.
+e2e_seconds=${E2E_SECONDS:-180}
+e2e_model=${E2E_MODEL:-1b}
+e2e_deadline=$((SECONDS + e2e_seconds))
+stamp "e2e: bitscale train --model $e2e_model --compile (time box ${e2e_seconds} s)"
+timeout "$e2e_seconds" "$python" -m bitscale train --nproc 1 --model "$e2e_model" --steps 5 \
+    --compile --no-progress --metrics "$out/train-$e2e_model.json" 2>&1 | tee "$out/train-$e2e_model.log"
+stamp "e2e train exit code $? (124: cut by the time box)"
+left=$((e2e_deadline - SECONDS))
+if ((left < 30)); then
+    stamp "e2e: no time left for bench/e2e/bench_plain_loop.py"
+else
+    stamp "e2e bench: bitscale vs plain PyTorch (time box ${left} s)"
+    timeout "$left" "$python" -m bitscale bench run --quick --only e2e -- -m gpu -k plain_loop \
+        2>&1 | tee "$out/bench-e2e.log"
+    find bench/results -maxdepth 1 -name '*.json' -newer "$out/env.txt" -exec cp {} "$out/" \;
+fi
+
 stamp "done; files in $out: $(ls "$out" | tr '\n' ' ')"
 exit "$tests_status"
