@@ -16,15 +16,18 @@ import sys
 _COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "train": (
         "bitscale.train",
-        "train a small GPT with HDP, lazy checkpoints and bipolar QAT",
-        "Train a small GPT on local processes: each step is planned by HDP (or the static\n"
-        "DP x CP mesh), with lazy checkpoints and optional bipolar-INT QAT. Ctrl-C stops\n"
-        "after the current step and says which checkpoint is safe. Under torchrun, run\n"
-        "`python -m bitscale.train` with the same options and no --nproc.",
+        "train a GPT (up to 1B) with HDP, bf16, lazy checkpoints and bipolar QAT",
+        "Train a GPT (0.14M to 1B parameters) on local processes: each step is planned by\n"
+        "HDP (or the static DP x CP mesh), with lazy checkpoints and optional bipolar-INT\n"
+        "QAT; bf16 compute over float32 weights on CUDA. The summary reports tokens/s and\n"
+        "MFU. Ctrl-C stops after the current step and says which checkpoint is safe. Under\n"
+        "torchrun, run `python -m bitscale.train` with the same options and no --nproc.",
         "  bitscale train --nproc 2 --model tiny --steps 30 --schedule both \\\n"
         "      --ckpt-dir runs/demo/ckpt --ckpt-every 10 --plot runs/demo/train.png\n"
         "  bitscale train --nproc 3 --steps 60 --ckpt-dir runs/demo/ckpt/hdp --resume"
-        "   # on 3 processes",
+        "   # on 3 processes\n"
+        "  bitscale train --nproc 8 --model 1b --compile --metrics m.json"
+        "   # 8 GPUs: bf16, MFU in m.json",
     ),
     "simulate": (
         "bitscale.hdp.simulate",

@@ -1167,6 +1167,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision",
         default=None,
+        metavar="{" + ",".join(p.value for p in Precision) + "}",
         help="bf16 (bf16 compute, float32 master weights and AdamW state), float32, or float64 "
         "for exactness checks (default: bf16 on CUDA, float32 on CPU)",
     )
