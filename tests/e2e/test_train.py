@@ -88,10 +88,10 @@ def test_four_processes_hdp_equals_static_in_float64(
 def test_compile_with_hdp_compiles_once(tmp_path: Path, run_train, read_metrics, small_args):
     """--compile on 2 processes: the token count changes every micro-batch (packed documents
     and ring shards), yet every graph is built in the first step and none after. With
-    activation checkpointing on too: rings still send exactly the planned bytes (attention
-    is never recomputed)."""
+    activation checkpointing and bf16 on too: rings still send exactly the planned bytes
+    (bf16 K/V, float32 dK/dV; attention is never recomputed)."""
     args = [*small_args, "--nproc", "2", "--steps", "3", "--compile", "--metrics", "m.json"]
-    args.append("--activation-checkpointing")
+    args += ["--activation-checkpointing", "--precision", "bf16"]  # the GPU configuration
     result = run_train(args, cwd=tmp_path, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     steps = read_metrics(tmp_path / "m.json")["runs"]["hdp"]["steps"]
