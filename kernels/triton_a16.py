@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 from bitscale.kernels import triton_expand
+from bitscale.kernels._autotune_cache import autotune
 from bitscale.kernels._triton_common import (
     INTERPRETED,
     TILE_GROUP_ROWS,
@@ -144,7 +145,7 @@ def _rows_fit(configs: list[triton.Config], named_args: dict, **kwargs) -> list[
     return tiles_for_rows(candidates, named_args, **kwargs)
 
 
-@triton.autotune(
+@autotune(
     configs=autotune_configs(_A16_TILES + _A16_SPLIT_K_TILES, _A16_SWAPPED_TILES),
     key=["M_BUCKET", "N", "K", "GROUP_K", "W_BITS", "W_LEVELS"],
     prune_configs_by={"early_config_prune": _rows_fit},

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from bitscale.kernels._autotune_cache import autotune
 from bitscale.kernels._triton_common import (
     INTERPRETED,
     TILE_GROUP_ROWS,
@@ -44,7 +45,7 @@ _BITPLANE_TILES = (
 )
 
 
-@triton.autotune(
+@autotune(
     configs=autotune_configs(_BITPLANE_TILES),
     key=["M_BUCKET", "N", "K", "A_BITS", "W_BITS"],
     prune_configs_by={"early_config_prune": tiles_for_rows},

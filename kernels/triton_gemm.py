@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 from bitscale.kernels import triton_expand
+from bitscale.kernels._autotune_cache import autotune
 from bitscale.kernels._triton_common import (
     INTERPRETED,
     TILE_GROUP_ROWS,
@@ -72,7 +73,7 @@ _GEMM_TILES = (
 )
 
 
-@triton.autotune(
+@autotune(
     configs=autotune_configs(_GEMM_TILES),
     key=["M_BUCKET", "N", "K", "GROUP_K", "W_BITS", "W_CODES"],
     prune_configs_by={"early_config_prune": tiles_for_rows},
