@@ -35,6 +35,10 @@ if ! "$python" -m pip install -q --no-deps --no-build-isolation -e . >"$out/inst
 fi
 "$python" -m bitscale env 2>&1 | tee "$out/env.txt"
 
+# First call of a new shape (W4A16 decode on code words, M = 1: 21 autotune candidates) in
+# a fresh process, cold autotune cache then warm; the cold run's second N is tuning only.
+rm -rf "$out/bitscale-cache"; for cache in cold warm; do BITSCALE_CACHE_DIR="$out/bitscale-cache" timeout 240 "$python" -c 'import json, sys, time, torch; from bitscale.kernels import quantize; from bitscale.kernels.reference import pack_weight; from bitscale.kernels.triton_a16 import bipolar_linear_a16; ws = {n: pack_weight(quantize(torch.randn(n, 5120, device="cuda"), 4), layout="code_words") for n in (3072, 2560)}; x = torch.randn(1, 5120, device="cuda", dtype=torch.bfloat16); torch.cuda.synchronize(); [(t := time.perf_counter(), bipolar_linear_a16(x, w), torch.cuda.synchronize(), print(json.dumps({"cache": sys.argv[1], "N": n, "K": 5120, "first_call_s": round(time.perf_counter() - t, 3)}))) for n, w in ws.items()]' "$cache" 2>&1 | tee -a "$out/first-call.log"; done
+
 # Several workers (pytest-xdist, where installed): compiling each kernel specialization
 # is single-threaded CPU work, and the machine has 16 cores.
 workers=()
