@@ -39,3 +39,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Tests tune into a cache of their own, never the user's ~/.cache/bitscale (autotune
+    choices would otherwise leak between test runs and into the user's processes)."""
+    previous = os.environ.get("BITSCALE_CACHE_DIR")
+    os.environ["BITSCALE_CACHE_DIR"] = str(tmp_path_factory.mktemp("bitscale-cache"))
+    yield
+    if previous is None:
+        del os.environ["BITSCALE_CACHE_DIR"]
+    else:
+        os.environ["BITSCALE_CACHE_DIR"] = previous
