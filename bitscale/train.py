@@ -410,6 +410,7 @@ def _train_schedule(
 
     from bitscale.data import BatchSampler, load_corpus
     from bitscale.hdp import HDPRunner
+    from bitscale.kernels import reuse_quantized_weights
 
     run_start = time.perf_counter()
     device = _device()
@@ -515,7 +516,9 @@ def _train_schedule(
             plan = _plan(schedule, lengths, world, capacity, cost)
             graphs_before = _graphs_compiled()
             step_start = time.perf_counter()
-            outcome = runner.step(_LazyBatch(corpus, windows), plan)
+            # QAT: each weight is quantized once per step, not once per micro-batch.
+            with reuse_quantized_weights():
+                outcome = runner.step(_LazyBatch(corpus, windows), plan)
             optimizer.step()
             scheduler.step()
             stall_s = timer.take()

@@ -456,3 +456,42 @@ def test_activation_checkpointing_changes_no_bit() -> None:
         model(tokens, torch.arange(16)).sum()
     # Recomputed halves save only their inputs: no [T, ffn_dim] MLP activation is kept.
     assert all(model.config.ffn_dim not in shape for shape in saved), saved
+
+
+def test_qat_quantizes_each_weight_once_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The weight quantizer's clip search runs twice (coarse, fine) per quantized layer and
+    step, however many micro-batches the step has: not per micro-batch, not per row."""
+    from bitscale.kernels import format as quant_format
+    from bitscale.kernels import linear as quant_linear
+
+    searches: list[int] = []
+    quantized: list[int] = []  # every fake-quantization: weights and activations
+    search, fake_quantize = quant_format._search_clip, quant_linear.fake_quantize
+
+    def counted_search(*args, **kwargs):
+        searches.append(1)
+        return search(*args, **kwargs)
+
+    def counted_fake_quantize(*args, **kwargs):
+        quantized.append(1)
+        return fake_quantize(*args, **kwargs)
+
+    monkeypatch.setattr(quant_format, "_search_clip", counted_search)
+    monkeypatch.setattr(quant_linear, "fake_quantize", counted_fake_quantize)
+    config = TrainConfig(
+        steps=2, docs_per_step=6, max_len=48, capacity=48, quant="w4a8", progress=False
+    )
+    layers = sum(
+        isinstance(m, BipolarLinear) for m in build_model(config, torch.device("cpu")).modules()
+    )
+    searches.clear()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(config)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(searches) == 2 * 2 * layers
+    # Per step: each weight once, each layer's activations once per micro-batch (>= 2 here).
+    activations = len(quantized) - 2 * layers
+    assert activations >= 2 * 2 * layers
