@@ -35,6 +35,13 @@ if ! "$python" -m pip install -q --no-deps --no-build-isolation -e . >"$out/inst
     cat "$out/install.log"
     exit 1
 fi
+# Benchmark-only packages the GPU machine lacks (GemLite for the peers) travel as wheels in
+# .whl/ (ignored by git; carry it): `pip wheel --no-deps -w .whl gemlite==0.6.0.post2` builds
+# its pure-Python wheel from the sdist.
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$python" -m pip install -q --no-index --no-deps --no-compile --target /tmp/bitscale-site .whl/*.whl \
+        && export PYTHONPATH=/tmp/bitscale-site${PYTHONPATH:+:$PYTHONPATH}
+fi
 "$python" -m bitscale env 2>&1 | tee "$out/env.txt"
 deadline=$((SECONDS + total_seconds))
 
