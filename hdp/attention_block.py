@@ -50,6 +50,7 @@ __all__ = [
     "key_ranges",
     "merge_partial",
     "query_ranges",
+    "softmax_scale",
 ]
 
 _DOC_STRIDE = 2**32
@@ -175,6 +176,11 @@ def _check_block(
         )
 
 
+def softmax_scale(head_dim: int, scale: float | None) -> float:
+    """``scale``, or ``1 / sqrt(head_dim)`` when None."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else scale
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Softmax statistics, merges and gradient accumulators: float64 for float64 inputs,
     else float32."""
@@ -207,7 +213,7 @@ def block_forward(
     Queries that see no key of the block get ``out = 0`` and ``lse = -inf``.
     """
     _check_block(q_THD, k_TGD, v_TGD, q_docs, k_docs)
-    scale = 1.0 / math.sqrt(q_THD.shape[2]) if scale is None else scale
+    scale = softmax_scale(q_THD.shape[2], scale)
     # Under torch.autocast the back end's float32 math must stay float32.
     with torch.autocast(q_THD.device.type, enabled=False):
         return _backend(q_THD).block_forward(
@@ -239,7 +245,7 @@ def block_backward(
     """``(dq_THD, dk_TGD, dv_TGD)`` of the block in the compute dtype, given the final
     ``lse_HT`` over all blocks and ``delta_HT = rowsum(dout * out)`` of the final output."""
     _check_block(q_THD, k_TGD, v_TGD, q_docs, k_docs)
-    scale = 1.0 / math.sqrt(q_THD.shape[2]) if scale is None else scale
+    scale = softmax_scale(q_THD.shape[2], scale)
     with torch.autocast(q_THD.device.type, enabled=False):
         return _backend(q_THD).block_backward(
             q_THD,

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention_block import softmax_scale
 from .comm import CommCounter
 from .ring_attention import (
     _check_shapes,
-    _scale,
     _sdpa_causal,
     packed_causal_attention,
     zigzag_ring_attention,
@@ -88,7 +88,7 @@ def attention(
     layout = _LAYOUT.get()
     if layout is None:
         _check_shapes(q_THD, k_TGD, v_TGD)
-        return _sdpa_causal(q_THD, k_TGD, v_TGD, _scale(q_THD.shape[2], scale))
+        return _sdpa_causal(q_THD, k_TGD, v_TGD, softmax_scale(q_THD.shape[2], scale))
     if isinstance(layout, PackedDocuments):
         return packed_causal_attention(q_THD, k_TGD, v_TGD, layout.cu_seqlens, scale)
     return zigzag_ring_attention(

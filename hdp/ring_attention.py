@@ -42,6 +42,7 @@ from .attention_block import (
     check_heads,
     compute_dtype,
     merge_partial,
+    softmax_scale,
 )
 from .comm import (
     CommCategory,
@@ -73,10 +74,6 @@ def _check_shapes(q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor)
     check_heads(q_THD, k_TGD)
 
 
-def _scale(head_dim: int, scale: float | None) -> float:
-    return 1.0 / math.sqrt(head_dim) if scale is None else scale
-
-
 def causal_attention_reference(
     q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:
@@ -87,7 +84,7 @@ def causal_attention_reference(
     group = num_heads // k_TGD.shape[1]
     k_THD = k_TGD.repeat_interleave(group, dim=1)
     v_THD = v_TGD.repeat_interleave(group, dim=1)
-    scores_HTT = torch.einsum("qhd,khd->hqk", q_THD, k_THD) * _scale(head_dim, scale)
+    scores_HTT = torch.einsum("qhd,khd->hqk", q_THD, k_THD) * softmax_scale(head_dim, scale)
     future = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=q_THD.device).triu(1)
     probs_HTT = scores_HTT.masked_fill(future, float("-inf")).softmax(dim=-1)
     return torch.einsum("hqk,khd->qhd", probs_HTT, v_THD)
@@ -159,7 +156,7 @@ def packed_causal_attention(
             f"{q_THD.shape[0]}; got {list(bounds)}"
         )
     docs = TokenDocs.packed(bounds, q_THD.device)
-    return _PackedAttention.apply(q_THD, k_TGD, v_TGD, docs, _scale(q_THD.shape[2], scale))
+    return _PackedAttention.apply(q_THD, k_TGD, v_TGD, docs, softmax_scale(q_THD.shape[2], scale))
 
 
 class _ZigzagRingAttention(torch.autograd.Function):
@@ -304,6 +301,6 @@ def zigzag_ring_attention(
         position,
         item_id,
         chunk_sizes,
-        _scale(q_THD.shape[2], scale),
+        softmax_scale(q_THD.shape[2], scale),
         counter,
     )
